@@ -1,0 +1,156 @@
+"""The `emu` command: the one entry point. Logging setup happens here and only here (DESIGN.md).
+
+Every subcommand is a typed function; its docstring is its `--help`. Settings come from a preset
+(`--preset tiny`, or a YAML path) plus trailing `key=value` overrides; each command saves the
+resolved config next to its output.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from emu.errors import EmuError
+
+app = typer.Typer(help="Emu training platform.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Synthetic data and import of public formats into shards.",
+                       no_args_is_help=True)
+config_app = typer.Typer(help="Inspect presets and settings.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+PresetOption = Annotated[Optional[str], typer.Option(
+    "--preset", help="Preset name (tiny, small, emu2-37b) or path to a YAML preset.")]
+OverridesArgument = Annotated[Optional[list[str]], typer.Argument(
+    help="Setting overrides as key=value (dotted keys for nested settings).", show_default=False)]
+
+#: Exit code for unusable input (bad source, bad settings), distinct from a failed gate (1).
+EXIT_UNUSABLE = 2
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("great_expectations", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the synthetic sources into (one subfolder per public format).")],
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; same seed, same bytes.")] = None,
+    size: Annotated[Optional[str], typer.Option(
+        help="Scale of every count: a name (tiny, default, large) or a number (2 = twice default).")] = None,
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Generate the procedural shapes world, written in the public formats the importers read."""
+    from emu.config import resolve
+    from emu.data.synth import SynthConfig, generate, size_to_scale
+
+    extra = [] if seed is None else [f"seed={seed}"]
+    if size is not None:
+        extra.append(f"scale={size_to_scale(size)}")
+    config = resolve(SynthConfig, "synth", preset, extra + list(overrides or []))
+    summary = generate(out, config)
+    typer.echo(summary.describe())
+
+
+@data_app.command("import")
+def data_import(
+    format: Annotated[str, typer.Option("--format", help="Source format: img2dataset, mmc4, webvid, ytsb, grit, llava, text, vqav2, coco.")],
+    src: Annotated[Path, typer.Option(help="Source file or folder in that format.")],
+    out: Annotated[Path, typer.Option(help="Empty folder for the shard dataset.")],
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Import a public-format source into webdataset shards with manifests.
+
+    Samples that cannot be used are skipped and listed in OUT/rejects.jsonl (source, key, rule,
+    message); a source that cannot be read at all exits 2 with a one-line reason.
+    """
+    from emu.config import resolve
+    from emu.data.formats import ImportConfig
+    from emu.data.importing import run_import
+
+    config = resolve(ImportConfig, "import", preset, list(overrides or []))
+    summary = run_import(format, src, out, config)
+    rules = ", ".join(f"{rule}: {n}" for rule, n in sorted(summary.rejects_by_rule.items()))
+    typer.echo(f"imported {summary.samples} samples into {summary.shards} shards at {summary.out_dir}; "
+               f"rejected {summary.rejected}" + (f" ({rules}; see {summary.out_dir}/rejects.jsonl)" if rules else ""))
+
+
+@app.command("validate")
+def validate(
+    data: Annotated[Path, typer.Option(help="A shard dataset, or a folder of datasets (searched recursively).")],
+    report: Annotated[Path, typer.Option(help="Folder for report.json, the manifest and GX Data Docs.")],
+    max_failure_fraction: Annotated[Optional[float], typer.Option(
+        help="Tolerated fraction of failing samples per rule (overrides the preset).")] = None,
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Run the Great Expectations gate over shard datasets.
+
+    Exit 0 when the gate passes, 1 when it fails (one line per failing rule, naming shard and
+    keys), 2 on unusable input.
+    """
+    from emu.config import resolve
+    from emu.validate import ValidateConfig
+    from emu.validate.gate import run_gate
+
+    extra = [] if max_failure_fraction is None else [f"max_failure_fraction={max_failure_fraction}"]
+    config = resolve(ValidateConfig, "validate", preset, extra + list(overrides or []))
+    result = run_gate(data, report, config)
+    for line in result.summary_lines():
+        typer.echo(line)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@config_app.command("show")
+def config_show(
+    section: Annotated[str, typer.Argument(help="Section: synth, import, validate, stage1, stage2, decoder, instruct.")],
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Print the resolved settings of one section as YAML (defaults < preset < overrides)."""
+    import yaml
+
+    from emu.config import resolve, to_dict
+    from emu.sections import SECTIONS
+
+    if section not in SECTIONS:
+        raise EmuError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+    config = resolve(SECTIONS[section](), section, preset, list(overrides or []))
+    typer.echo(yaml.safe_dump({section: to_dict(config)}, sort_keys=False).rstrip())
+
+
+def main() -> None:
+    """Console-script entry: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except EmuError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_UNUSABLE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors (missing option, bad choice)
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_UNUSABLE)
+        raise
+
+
+if __name__ == "__main__":
+    main()

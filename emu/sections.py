@@ -1,0 +1,42 @@
+"""The preset sections and the config class each one resolves to.
+
+Loaders are functions so that listing sections imports nothing heavy (DESIGN.md convention 4).
+A preset may only contain these sections; tests check every shipped preset against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _synth() -> type:
+    from emu.data.synth import SynthConfig
+    return SynthConfig
+
+
+def _import() -> type:
+    from emu.data.formats import ImportConfig
+    return ImportConfig
+
+
+def _validate() -> type:
+    from emu.validate import ValidateConfig
+    return ValidateConfig
+
+
+def _train(name: str) -> Callable[[], type]:
+    def load() -> type:
+        from emu.train import config
+        return getattr(config, name)
+    return load
+
+
+SECTIONS: dict[str, Callable[[], type]] = {
+    "synth": _synth,
+    "import": _import,
+    "validate": _validate,
+    "stage1": _train("Stage1Config"),
+    "stage2": _train("Stage2Config"),
+    "decoder": _train("DecoderTrainConfig"),
+    "instruct": _train("InstructConfig"),
+}
