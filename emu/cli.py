@@ -8,6 +8,7 @@ resolved config next to its output.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -81,10 +82,30 @@ def data_import(
     from emu.data.importing import run_import
 
     config = resolve(ImportConfig, "import", preset, list(overrides or []))
-    summary = run_import(format, src, out, config)
+    typer.echo(_describe_import(run_import(format, src, out, config)))
+
+
+def _describe_import(summary) -> str:
     rules = ", ".join(f"{rule}: {n}" for rule, n in sorted(summary.rejects_by_rule.items()))
-    typer.echo(f"imported {summary.samples} samples into {summary.shards} shards at {summary.out_dir}; "
-               f"rejected {summary.rejected}" + (f" ({rules}; see {summary.out_dir}/rejects.jsonl)" if rules else ""))
+    return (f"imported {summary.samples} samples into {summary.shards} shards at {summary.out_dir}; "
+            f"rejected {summary.rejected}" + (f" ({rules}; see {summary.out_dir}/rejects.jsonl)" if rules else ""))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    src: Annotated[Path, typer.Option(help="Folder with sources.json (e.g. the output of `emu data synth`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the datasets, one subfolder per source.")],
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Import every source listed in SRC/sources.json into OUT/<name> (one `emu data import` each)."""
+    from emu.config import resolve
+    from emu.data.formats import ImportConfig
+    from emu.data.prepare import import_sources
+
+    config = resolve(ImportConfig, "import", preset, list(overrides or []))
+    for summary in import_sources(src, out, config):
+        typer.echo(_describe_import(summary))
 
 
 @app.command("validate")
@@ -131,8 +152,18 @@ def config_show(
     typer.echo(yaml.safe_dump({section: to_dict(config)}, sort_keys=False).rstrip())
 
 
+#: No network at run time, no telemetry (../shared/ENVIRONMENT.md). Set by the entry point only.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
+}
+
+
 def main() -> None:
     """Console-script entry: user errors become one line on stderr and exit code 2."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     try:
         app(standalone_mode=False)
     except EmuError as exc:

@@ -81,8 +81,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "", origin: st
         raise ConfigError(f"unknown setting {_join(where, unknown[0])!r} in {origin}; "
                           f"valid settings{' of ' + where if where else ''}: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(value, hints[name], _join(where, name), origin)
-              for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, Mapping):
+            # A partial nested mapping refines this field's own default (e.g. the decoder's
+            # optimizer defaults to betas (0.9, 0.999)), not the nested class's generic one.
+            value = {**to_dict(_field_default(fields[name])), **value}
+        kwargs[name] = _coerce(value, hints[name], _join(where, name), origin)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -156,7 +161,8 @@ def _apply_override(cls: type, data: dict[str, Any], override: str, section: str
             return
         child = node.get(part)
         if not isinstance(child, dict):
-            child = {}
+            # "batch_sizes.grounded=0" changes one entry of the default mapping, not all of it.
+            child = dict(_field_default(fields[part]) or {}) if _is_mapping_type(field_type) else {}
             node[part] = child
         node = child
         target_cls = field_type
@@ -254,6 +260,12 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
         return {_coerce(k, key_tp, where, origin): _coerce(v, val_tp, f"{where}.{k}", origin)
                 for k, v in value.items()}
     raise ConfigError(f"setting {where!r}: unsupported type {tp!r} (a bug in the config class)")
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _is_mapping_type(tp: Any) -> bool:

@@ -38,5 +38,6 @@ SECTIONS: dict[str, Callable[[], type]] = {
     "stage1": _train("Stage1Config"),
     "stage2": _train("Stage2Config"),
     "decoder": _train("DecoderTrainConfig"),
-    "instruct": _train("InstructConfig"),
+    "instruct": _train("InstructConfig"),      # Emu2-Chat (mode: chat)
+    "instruct_gen": _train("InstructConfig"),  # Emu2-Gen (mode: gen)
 }

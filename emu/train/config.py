@@ -102,6 +102,8 @@ class Stage1Config:
     #: Raise the resolution mid-schedule: [[step, image_size], ...] (Emu2 restarts at 448 px
     #: for 4,000 more iterations after 35,200 at 224 px).
     resolution_schedule: list[list[int]] = field(default_factory=list)
+    #: Restart warmup and decay when the resolution rises, as Emu2 restarts training at 448 px.
+    restart_schedule_on_resize: bool = True
     video_frames: int = 8  # frames sampled per video (Emu2 App. B.1)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
