@@ -165,7 +165,9 @@ def main() -> None:
     for name, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of `typer.Exit`.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except EmuError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_UNUSABLE)

@@ -141,12 +141,13 @@ def decode_sample(raw: RawSample) -> Sample:
         raise SampleProblem("record_invalid", f"{type(exc).__name__}: {exc}") from None
 
 
-def iter_raw_samples(tar_path: Path) -> Iterator[RawSample]:
+def iter_raw_samples(tar_path: Path, check_keys: bool = True) -> Iterator[RawSample]:
     """Stream a tar's samples (consecutive members sharing a key), never extracting anything.
 
     Unsafe members (symlinks, hard links, devices, absolute or `..` names) are not read; they
     become problems of the sample they name. A truncated tar yields what was complete and then a
-    final sample carrying a `shard_truncated` problem.
+    final sample carrying a `shard_truncated` problem. `check_keys=False` is for source tars of
+    public formats: their keys need not match KEY_PATTERN, importers sanitise them.
     """
     shard = tar_path.name
     seen_keys: set[str] = set()
@@ -173,7 +174,7 @@ def iter_raw_samples(tar_path: Path) -> Iterator[RawSample]:
                     continue
                 extracted = tar.extractfile(info)
                 current.members[suffix] = extracted.read() if extracted is not None else b""
-                if not KEY_PATTERN.match(key):
+                if check_keys and not KEY_PATTERN.match(key):
                     current.problems.append(Problem("key_invalid", f"key {key!r} must match {KEY_PATTERN.pattern}"))
     except (tarfile.TarError, EOFError, OSError) as exc:
         truncated = current or RawSample(shard=shard, key="")
