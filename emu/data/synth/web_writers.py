@@ -239,7 +239,9 @@ def _write_mp4(path: Path, frames: list[Any]) -> None:
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "12"}  # near-lossless: imported frames stay close to the rendered ones
+            # Lossless (qp 0): imported frames equal the rendered ones exactly, so the shards are
+            # deterministic even where x264's bitstream is not (seen rarely across processes).
+            stream.options = {"qp": "0", "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_image(image)))
         container.mux(stream.encode())
