@@ -94,7 +94,7 @@ def _project_config(docs_dir: Path) -> Any:
         data_docs_sites={_DOCS_SITE: {
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(docs_dir)},
+                              "base_directory": str(Path(docs_dir).resolve())},  # GX needs it absolute
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }},
     )

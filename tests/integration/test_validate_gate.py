@@ -380,3 +380,13 @@ def test_unusable_input_exits_2(tmp_path):
     nothing = run_emu("validate", "--data", str(hollow), "--report", str(tmp_path / "r2"))
     assert nothing.returncode == 2 and "holds no samples" in nothing.stderr
     assert not (tmp_path / "r2" / "report.json").exists()
+
+
+def test_relative_paths_work_from_the_working_directory(tmp_path):
+    """The README's main job passes relative paths; GX's docs site needs them made absolute."""
+    write_dataset(tmp_path / "data" / "ds", [Pair(key=f"k{i}", text="x", images=[png()]) for i in range(2)])
+    proc = subprocess.run([str(EMU), "validate", "--data", "data", "--report", "out/validation"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "validation" / "data_docs" / "index.html").is_file()
+    assert json.loads((tmp_path / "out" / "validation" / "report.json").read_text())["passed"] is True
