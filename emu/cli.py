@@ -176,13 +176,15 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors (missing option, bad choice)
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(EXIT_UNUSABLE)
-        raise
+    except typer.TyperException as exc:
+        # Usage errors (missing option, unknown command, bad value). Typer vendors click, so these
+        # are `typer._click` exceptions, not `click.ClickException`; all share TyperException.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_UNUSABLE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""The Emu2 multimodal LM and its one training objective.
+
+    image --EVA ViT--> patch tokens --pool 8x8 (or C-Former)--> visual embeddings e (B, n, D_vis)
+    sequence: text tokens, and per image `[IMG]` + n x `<image>` + `[/IMG]`
+    inputs_embeds: token embeddings, with every `<image>` / `[gIMG]` row replaced by project_up(e)
+    hidden states h = LM(inputs_embeds)        (any Hugging Face causal LM; LLaMA by default)
+
+The unified objective (Emu2 §2.1, "predict the next multimodal element"). The hidden state at
+position t predicts whatever comes at t + 1:
+
+  * if t + 1 holds a text token y (including `[IMG]`, `[/IMG]` and `</s>`), h_t is scored with
+    cross-entropy of lm_head(h_t) against y, when the sample's text mask supervises that target;
+  * if t + 1 holds a visual embedding e_j (so t is `[IMG]` for the first one, or the previous
+    visual position), h_t is scored with the squared error ||project_down(h_t) - e_j||^2, when the
+    image's regression mask supervises it. Targets are the encoder's pooled embeddings, detached:
+    the regression trains the LM to produce them, never the encoder to be easy to predict.
+
+    text_loss  = mean over supervised text targets of CE          (token mean)
+    image_loss = mean over supervised visual targets and dims of (project_down(h_t) - e_j)^2  (MSE)
+    loss       = text_weight * text_loss + image_weight * image_loss
+
+Token means (not per-sample means) make a packed row of several samples score exactly as the
+samples do apart. Which targets count is decided per stage by whoever builds the batch:
+stage 1 supervises text only, stage 2 text and every image, chat the answers only, gen the last
+image only (emu.train builds the masks; this module only applies them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from emu.model.cformer import CausalFormer
+from emu.model.config import EmuConfig, LMConfig
+from emu.model.vision import EvaVisionTransformer, pool_patches
+
+IGNORE = -100  # text target that is not supervised (Hugging Face convention)
+
+
+@dataclass(frozen=True)
+class VisualTokenIds:
+    """Token ids whose positions carry visual embeddings: `<image>` (images) and `[gIMG]` (frames)."""
+
+    image: int
+    frame: int
+
+
+@dataclass
+class EmuOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_loss: torch.Tensor
+    text_targets: int    # how many text targets were supervised
+    image_targets: int   # how many visual embeddings were regressed
+
+
+def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
+    """A LLaMA from the size settings, or any Hugging Face causal LM from `config.pretrained`
+    (a local folder; s3:// URIs are fetched by emu.model.io first). Embeddings are resized to
+    `vocab_size` (the tokenizer with the Emu2 special tokens)."""
+    if config.pretrained:
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(config.pretrained, local_files_only=True,
+                                                  attn_implementation=config.attn_implementation)
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
+            max_position_embeddings=config.max_positions, rms_norm_eps=config.rms_norm_eps,
+            rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation=config.attn_implementation))
+    if lm.get_input_embeddings().num_embeddings != vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    return lm
+
+
+class EmuModel(nn.Module):
+    """Visual encoder, connector, `project_up`, causal LM, regression head `project_down` (the
+    official Emu2 names). Pure torch: no I/O, no distributed setup, no logging."""
+
+    def __init__(self, config: EmuConfig, token_ids: VisualTokenIds, lm: PreTrainedModel):
+        super().__init__()
+        self.config = config
+        self.token_ids = token_ids
+        self.visual = EvaVisionTransformer(config.vision)
+        self.cformer = (CausalFormer(config.cformer, config.vision.width, config.vision.layer_norm_eps)
+                        if config.connector == "cformer" else None)
+        self.lm = lm
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.project_up = nn.Linear(config.visual_dim, hidden, bias=False)    # EVA space -> LM
+        self.project_down = nn.Linear(hidden, config.visual_dim, bias=False)  # LM -> EVA space (regression)
+
+    @classmethod
+    def build(cls, config: EmuConfig, tokenizer) -> EmuModel:
+        """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included)."""
+        from emu.data.tokenizer import GIMG, IMAGE
+
+        ids = VisualTokenIds(image=tokenizer.convert_tokens_to_ids(IMAGE), frame=tokenizer.convert_tokens_to_ids(GIMG))
+        return cls(config, ids, build_lm(config.lm, len(tokenizer)))
+
+    # ---- images to visual embeddings -------------------------------------------------------
+
+    def encode_images(self, pixels_BCHW: torch.Tensor, side: int | None = None) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, n, D_vis) visual embeddings: the ViT's patch
+        tokens mean-pooled to side x side (Emu2), or the C-Former's queries (Emu1). Runs without
+        autograd when nothing in the encoder trains (stages 2, decoder, instruct)."""
+        trainable = any(p.requires_grad for p in self.visual.parameters()) or (
+            self.cformer is not None and any(p.requires_grad for p in self.cformer.parameters()))
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            tokens = self.visual(pixels_BCHW)
+            if self.cformer is not None:
+                return self.cformer(tokens)
+            return pool_patches(tokens, self.config.image_tokens_side if side is None else side)
+
+    # ---- sequence embedding ----------------------------------------------------------------
+
+    def embed(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              frame_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each `<image>` / `[gIMG]` position replaced, in row-major order,
+        by project_up of the next visual embedding (official emu.py fills them the same way)."""
+        embeds = self.lm.get_input_embeddings()(input_ids_BT)
+        for token_id, visual in ((self.token_ids.image, image_embeds), (self.token_ids.frame, frame_embeds)):
+            mask = input_ids_BT == token_id
+            count = int(mask.sum())
+            given = 0 if visual is None else visual.shape[0] * visual.shape[1]
+            if count != given:
+                raise ValueError(f"the sequence has {count} visual placeholders (token {token_id}) but "
+                                 f"{given} visual embeddings were given")
+            if count:
+                up = self.project_up(visual.reshape(-1, visual.shape[-1]).to(self.project_up.weight.dtype))
+                embeds = embeds.masked_scatter(mask.unsqueeze(-1), up.to(embeds.dtype))
+        return embeds
+
+    def hidden_states(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                      frame_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) hidden states of the LM body, (B, T, H)."""
+        embeds = self.embed(input_ids_BT, image_embeds, frame_embeds)
+        out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    # ---- the objective ---------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, text_targets: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                frames: torch.Tensor | None = None, frame_embeds: torch.Tensor | None = None,
+                image_regress: torch.Tensor | None = None, frame_regress: torch.Tensor | None = None,
+                text_weight: float = 1.0, image_weight: float = 1.0) -> EmuOutput:
+        """The unified loss of the module docstring.
+
+        input_ids (B, T); text_targets (B, T): the token h_t must predict, or IGNORE.
+        Visual inputs, each in the order the images appear in the batch (row-major):
+        images (N_img, 3, S, S) pixels or image_embeds (N_img, n, D_vis) precomputed; the same for
+        video frames. image_regress / frame_regress (N,) bool: whether each image's embeddings
+        are regression targets (default: none are).
+        """
+        if image_embeds is None and images is not None:
+            image_embeds = self.encode_images(images, self.config.image_tokens_side)
+        if frame_embeds is None and frames is not None:
+            frame_embeds = self.encode_images(frames, self.config.video_tokens_side)
+        hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids)
+
+        supervised = text_targets != IGNORE
+        n_text = int(supervised.sum())
+        if n_text:
+            logits = self.lm.get_output_embeddings()(hidden[supervised])  # only where scored: saves memory
+            text_loss = F.cross_entropy(logits.float(), text_targets[supervised])
+        else:
+            text_loss = hidden.sum() * 0.0
+
+        predictions, targets = [], []
+        for token_id, visual, regress in ((self.token_ids.image, image_embeds, image_regress),
+                                          (self.token_ids.frame, frame_embeds, frame_regress)):
+            if visual is None or regress is None or not bool(regress.any()):
+                continue
+            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)  # row-major = embedding order
+            per_token = regress.to(torch.bool).repeat_interleave(visual.shape[1])
+            # h at the position before each visual embedding predicts it ([IMG] precedes the first).
+            predictions.append(hidden[rows[per_token], cols[per_token] - 1])
+            targets.append(visual.reshape(-1, visual.shape[-1])[per_token])
+        if predictions:
+            predicted = self.project_down(torch.cat(predictions))
+            target = torch.cat(targets).detach().to(predicted.dtype)
+            image_loss = F.mse_loss(predicted.float(), target.float())
+            n_image = predicted.shape[0]
+        else:
+            image_loss = hidden.sum() * 0.0
+            n_image = 0
+        loss = text_weight * text_loss + image_weight * image_loss
+        return EmuOutput(loss=loss, text_loss=text_loss.detach(), image_loss=image_loss.detach(),
+                         text_targets=n_text, image_targets=n_image)

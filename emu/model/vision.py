@@ -1,0 +1,133 @@
+"""The visual encoder: an EVA-CLIP ViT, and Emu2's tokenisation of an image by mean pooling.
+
+Why hand-written: Emu2's EVA-02-CLIP-E-plus uses post-norm blocks, `x + LN(Attn(x))`, which no
+config of transformers' pre-norm CLIPVisionModel expresses, and timm's Eva (which has them) needs
+torchvision, of which no CPU build exists here. The module below keeps the official parameter
+names (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.q_bias,
+attn.v_bias,attn.proj,norm2,mlp.fc1,mlp.fc2}`) so released weights load 1:1; with
+`postnorm=False` it is the pre-norm ViT of CLIP, which tests compare against transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emu.model.config import VisionConfig
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels_BCHW).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Fused qkv projection with separate q and v biases and no k bias (official eva_vit.py)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.width, 3 * config.width, bias=False)
+        if config.qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(config.width))
+            self.v_bias = nn.Parameter(torch.zeros(config.width))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x_BND, self.qkv.weight, bias).reshape(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5, as the original
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.width, config.mlp_dim)
+        self.act = nn.GELU()  # exact (erf) GELU, as EVA-CLIP
+        self.fc2 = nn.Linear(config.mlp_dim, config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.postnorm = config.postnorm
+        self.norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = Mlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.postnorm:  # EVA-E: the branch output is normalised, the residual stream never is
+            x = x + self.norm1(self.attn(x))
+            return x + self.norm2(self.mlp(x))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EvaVisionTransformer(nn.Module):
+    """Patch embedding + CLS + absolute positions, then blocks; no pre-norm and no final norm, so
+    the output is the last block's tokens (CLS first), as Emu2 reads them."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid ** 2 + 1, config.width))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.gradient_checkpointing = False
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels_BCHW)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def pool_patches(tokens_BND: torch.Tensor, side: int) -> torch.Tensor:
+    """Emu2's image tokenisation: drop CLS, lay the patch tokens on their grid, average-pool to
+    side x side, read out row-major (official emu.py `encode_image`; 32x32 -> 8x8 = 64 tokens)."""
+    patches = tokens_BND[:, 1:]
+    B, N, D = patches.shape
+    grid = int(round(N ** 0.5))
+    if grid * grid != N or grid % side:
+        raise ValueError(f"cannot pool a {N}-patch grid to {side}x{side}")
+    stride = grid // side
+    grid_BDHW = patches.transpose(1, 2).reshape(B, D, grid, grid)
+    pooled = F.avg_pool2d(grid_BDHW, kernel_size=stride, stride=stride)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+def preprocess(images, config: VisionConfig) -> torch.Tensor:
+    """PIL images -> normalised pixels (B, 3, S, S): bicubic resize to the square input size, no
+    crop (official chat.py), then CLIP mean/std."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = [np.asarray(img.convert("RGB").resize((config.image_size, config.image_size), Image.BICUBIC),
+                         dtype=np.float32) / 255.0 for img in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    return (pixels - mean) / std
