@@ -65,7 +65,9 @@ def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     if config.pretrained:
         from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(config.pretrained, local_files_only=True,
+        from emu.model.io import local_folder
+
+        lm = AutoModelForCausalLM.from_pretrained(str(local_folder(config.pretrained)), local_files_only=True,
                                                   attn_implementation=config.attn_implementation)
     else:
         lm = LlamaForCausalLM(LlamaConfig(

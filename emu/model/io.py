@@ -1,0 +1,95 @@
+"""Save and load an EmuModel as a Hugging Face-style folder, the form every stage exports:
+
+    emu.json            format version, EmuConfig, visual token ids
+    model.safetensors   visual encoder, C-Former, project_up, project_down
+    lm/                 the causal LM (transformers `save_pretrained`: config.json + safetensors shards)
+    tokenizer/          the tokenizer, Emu2 special tokens included
+
+The LM keeps its own folder so any Hugging Face tool can open it alone, and large LMs shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from emu.config import from_dict, to_dict
+from emu.errors import ConfigError
+from emu.model.config import EmuConfig
+from emu.model.emu import EmuModel, VisualTokenIds
+
+FORMAT = "emu-model"
+VERSION = 1
+CONFIG_FILE = "emu.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model(model: EmuModel, tokenizer, folder: Path) -> Path:
+    """Write the model and its tokenizer into `folder` (created; existing files are replaced)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rest = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("lm.")}
+    save_file(rest, str(folder / WEIGHTS_FILE))
+    model.lm.save_pretrained(str(folder / "lm"))
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    meta = {"format": FORMAT, "version": VERSION, "config": to_dict(model.config),
+            "token_ids": {"image": model.token_ids.image, "frame": model.token_ids.frame}}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return folder
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[EmuModel, object]:
+    """Load (model, tokenizer) from a folder written by `save_model`, or an s3:// URI of one."""
+    from transformers import AutoModelForCausalLM
+
+    from emu.data.tokenizer import load_tokenizer
+
+    folder = local_folder(path)
+    meta = _read_meta(folder)
+    config = from_dict(EmuConfig, meta["config"], where="model", origin=str(folder / CONFIG_FILE))
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    lm = AutoModelForCausalLM.from_pretrained(str(folder / "lm"), local_files_only=True, dtype=dtype,
+                                              attn_implementation=config.lm.attn_implementation)
+    if lm.get_input_embeddings().num_embeddings != len(tokenizer):
+        raise ConfigError(f"{folder}: the LM has {lm.get_input_embeddings().num_embeddings} embedding rows "
+                          f"but the tokenizer {len(tokenizer)} tokens")
+    model = EmuModel(config, VisualTokenIds(**meta["token_ids"]), lm)
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("lm.")]
+    if missing or unexpected:
+        raise ConfigError(f"{folder}/{WEIGHTS_FILE} does not match its emu.json: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model, tokenizer
+
+
+def _read_meta(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    for needed in (path, folder / WEIGHTS_FILE, folder / "lm" / "config.json", folder / "tokenizer"):
+        if not needed.exists():
+            raise ConfigError(f"{folder} is not an Emu model folder: {needed.name} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ConfigError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
+                          f"{meta.get('format')!r} version {meta.get('version')!r}")
+    return meta
+
+
+def local_folder(path: str | Path) -> Path:
+    """A local folder for `path`; s3:// URIs are fetched into the cache by the S3 adapter."""
+    if str(path).startswith("s3://"):
+        from emu.artifacts.s3 import resolve_local
+
+        return resolve_local(str(path))
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"model folder {folder} does not exist")
+    return folder
