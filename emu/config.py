@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,7 @@ def resolve(cls: type[T], section: str, preset: str | Path | None = None,
     origin = "defaults"
     if preset is not None:
         whole = load_preset(preset)
+        _check_sections(whole, section, preset)
         section_data = whole.get(section) or {}
         if not isinstance(section_data, dict):
             raise ConfigError(f"section {section!r} of preset {preset} must be a mapping")
@@ -69,6 +71,17 @@ def resolve(cls: type[T], section: str, preset: str | Path | None = None,
     for override in overrides:
         _apply_override(cls, data, override, section)
     return from_dict(cls, data, where=section, origin=origin)
+
+
+def _check_sections(whole: Mapping[str, Any], section: str, preset: str | Path) -> None:
+    """A misspelt section ("validat:") would be ignored and its settings silently lost: refuse
+    any section that is neither a known one (emu.sections) nor the one being resolved."""
+    from emu.sections import SECTIONS  # imports nothing heavy; the config classes load lazily
+
+    unknown = [str(name) for name in whole if name not in SECTIONS and name != section]
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} in preset {preset}; "
+                          f"valid sections: {', '.join(SECTIONS)}")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "", origin: str = "config") -> T:
@@ -146,7 +159,7 @@ def _apply_override(cls: type, data: dict[str, Any], override: str, section: str
                 raise ConfigError(f"override {override!r}: {'.'.join(path[:depth])!r} is not a group")
             if depth != len(path) - 1:
                 raise ConfigError(f"override {override!r}: nesting too deep")
-            node[part] = _parse_scalar(raw, typing.get_args(target_cls)[1])
+            node[part] = _checked(raw, typing.get_args(target_cls)[1], section, key, override)
             return
         fields = {f.name: f for f in dataclasses.fields(target_cls) if f.init}
         if part not in fields:
@@ -157,7 +170,7 @@ def _apply_override(cls: type, data: dict[str, Any], override: str, section: str
                 f"{', '.join(sorted(fields))}")
         field_type = typing.get_type_hints(target_cls)[part]
         if depth == len(path) - 1:
-            node[part] = _parse_scalar(raw, field_type)
+            node[part] = _checked(raw, field_type, section, key, override)
             return
         child = node.get(part)
         if not isinstance(child, dict):
@@ -166,6 +179,16 @@ def _apply_override(cls: type, data: dict[str, Any], override: str, section: str
             node[part] = child
         node = child
         target_cls = field_type
+
+
+def _checked(raw: str, field_type: Any, section: str, key: str, override: str) -> Any:
+    """The parsed value of one override, type-checked now so that an error names the override
+    (not the preset or the defaults it lands in). The raw parsed value is kept: from_dict
+    coerces the whole section once more, together with the preset's values."""
+    value = _parse_scalar(raw, field_type)
+    if not dataclasses.is_dataclass(field_type):
+        _coerce(value, field_type, _join(section, key), f"override {override!r}")
+    return value
 
 
 def _parse_scalar(raw: str, field_type: Any) -> Any:
@@ -195,14 +218,13 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
             if type(None) in args:
                 return None
             raise bad(_type_name(tp))
-        errors = []
         for arm in args:
             if arm is type(None):
                 continue
             try:
                 return _coerce(value, arm, where, origin)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         raise bad(_type_name(tp))
     if origin_tp is typing.Literal:
         if value not in args:
@@ -233,16 +255,19 @@ def _coerce(value: Any, tp: Any, where: str, origin: str) -> Any:
                 return int(as_float)
         raise bad("an integer")
     if tp is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        # Every float setting is a rate, ratio, threshold or size: NaN and infinity are never
+        # meant, and NaN would slip through range checks (`nan <= 0` is False).
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads "1e-4" (no dot) as a string
+                number = float(value)  # PyYAML reads "1e-4" (no dot) as a string
             except ValueError:
                 pass
-        raise bad("a number")
+        if number is None or not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

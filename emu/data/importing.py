@@ -81,26 +81,37 @@ def run_import(fmt: str, src: Path, out_dir: Path, config: ImportConfig) -> Impo
     rejects_tmp = out_dir / (REJECTS_FILE + ".tmp")
     rule_counts: Counter[str] = Counter()
     written = 0
+    config_file = out_dir / "import.config.yaml"
     with ShardWriter(out_dir, source_format=fmt, samples_per_shard=config.samples_per_shard,
-                     max_shard_bytes=config.max_shard_bytes) as writer, \
-            open(rejects_tmp, "w", encoding="utf-8") as rejects:
-        def reject(item: Reject) -> None:
-            rule_counts[item.rule] += 1
-            rejects.write(json.dumps(item.__dict__, ensure_ascii=False) + "\n")
+                     max_shard_bytes=config.max_shard_bytes,
+                     max_image_pixels=config.max_image_pixels) as writer:
+        try:
+            # backslashreplace: a lone surrogate (a non-UTF-8 file name, a bad JSON string) is
+            # written as its JSON escape \udcff instead of failing the whole import.
+            with open(rejects_tmp, "w", encoding="utf-8", errors="backslashreplace") as rejects:
+                def reject(item: Reject) -> None:
+                    rule_counts[item.rule] += 1
+                    rejects.write(json.dumps(item.__dict__, ensure_ascii=False) + "\n")
 
-        for item in read(src, config):
-            if isinstance(item, Reject):
-                reject(item)
-                continue
-            try:
-                check_usable(item, config.max_image_pixels)
-                writer.write(item)
-                written += 1
-            except SampleProblem as exc:
-                reject(Reject(item.source, item.key, exc.problem.rule, exc.problem.message))
-        index = writer.close(extra={"rejected": sum(rule_counts.values()), "source": str(src)})
-    os.replace(rejects_tmp, out_dir / REJECTS_FILE)
-    save_resolved(config, "import", out_dir / "import.config.yaml")
+                for item in read(src, config):
+                    if isinstance(item, Reject):
+                        reject(item)
+                        continue
+                    try:
+                        check_usable(item, config.max_image_pixels)
+                        writer.write(item)
+                        written += 1
+                    except SampleProblem as exc:
+                        reject(Reject(item.source, item.key, exc.problem.rule, exc.problem.message))
+            os.replace(rejects_tmp, out_dir / REJECTS_FILE)
+            save_resolved(config, "import", config_file)
+            # dataset.json last: it is the commit point, so a crash before it never leaves a
+            # dataset that looks finished but lacks its rejects or its config.
+            index = writer.close(extra={"rejected": sum(rule_counts.values()), "source": str(src)})
+        except BaseException:
+            for path in (out_dir / REJECTS_FILE, config_file):  # the writer removes its own files
+                path.unlink(missing_ok=True)
+            raise
     summary = ImportSummary(out_dir=out_dir, samples=written, rejected=sum(rule_counts.values()),
                             shards=len(index["shards"]), rejects_by_rule=dict(rule_counts))
     log.info("imported %d samples into %d shards at %s; rejected %d %s", summary.samples,

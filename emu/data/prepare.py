@@ -27,11 +27,14 @@ def read_sources(src_dir: Path) -> list[dict]:
     for i, entry in enumerate(sources):
         if not isinstance(entry, dict) or not {"name", "format", "path"} <= set(entry):
             raise SourceError(f"{path}: entry {i} needs name, format and path")
+        wrong = [field for field in ("name", "format", "path") if not isinstance(entry[field], str)]
+        if wrong:
+            raise SourceError(f"{path}: entry {i}: {wrong[0]} must be a string, got {entry[wrong[0]]!r}")
         if entry["format"] not in IMPORTERS:
             raise SourceError(f"{path}: entry {entry['name']!r} has unknown format {entry['format']!r}; "
                               f"known formats: {', '.join(IMPORTERS)}")
         name = entry["name"]
-        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or name in names:
+        if Path(name).name != name or name in (".", "..") or name in names:
             raise SourceError(f"{path}: entry {i} has an invalid or repeated name {name!r}")
         names.add(name)
     return sources

@@ -20,6 +20,9 @@ Images are referenced by index into `images`; no field stores image bytes twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -216,8 +219,12 @@ def to_record(sample: Sample) -> dict[str, Any]:
 
 
 def from_record(record: dict[str, Any], images: list[bytes]) -> Sample:
-    """Inverse of `to_record`. Raises KeyError/TypeError/ValueError on a malformed record; callers
-    turn those into per-sample problems."""
+    """Inverse of `to_record`. Raises KeyError/TypeError/ValueError on a malformed record (a field
+    missing, unknown or of the wrong JSON type); callers turn those into per-sample problems.
+
+    Every field is checked against its annotation, so code reading a Sample (manifest facts,
+    sequence building) can trust the types of a shard written by anyone, not only our importers.
+    """
     kind = record.get("kind")
     cls = SAMPLE_TYPES.get(kind)  # type: ignore[arg-type]
     if cls is None:
@@ -232,7 +239,55 @@ def from_record(record: dict[str, Any], images: list[bytes]) -> Sample:
     for name in ("phrases", "referring_expressions"):
         if name in values:
             values[name] = [_phrase(p) for p in values[name]]
-    return cls(images=images, **values)
+    sample = cls(images=images, **values)
+    _check_types(sample)
+    return sample
+
+
+def _check_types(obj: Any) -> None:
+    """Raise TypeError naming the first field of a (nested) schema dataclass whose value does not
+    match its annotation."""
+    for f in dataclasses.fields(obj):
+        value, annotation = getattr(obj, f.name), _hints(type(obj))[f.name]
+        if not _conforms(value, annotation):
+            raise TypeError(f"field {f.name!r} must be {_type_name(annotation)}, got {value!r:.80}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin in (list, tuple):  # list[X] and tuple[X, ...]
+        return isinstance(value, origin) and all(_conforms(v, args[0]) for v in value)
+    if origin is dict:  # meta: any JSON values under string keys
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            return False
+        try:
+            _check_types(value)
+        except TypeError:
+            return False
+        return True
+    if tp in (int, float):  # JSON true/false are not numbers; an int is a valid float
+        return not isinstance(value, bool) and isinstance(value, int if tp is int else (int, float))
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    name = tp.__name__ if isinstance(tp, type) else str(tp)
+    return name.replace("typing.", "").replace(f"{__name__}.", "")
 
 
 def _phrase(data: dict[str, Any]) -> Phrase:

@@ -31,16 +31,16 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from emu.data import manifest as manifest_mod
-from emu.data.images import sniff_format
+from emu.data.images import DEFAULT_MAX_PIXELS, sniff_format
 from emu.data.schema import Sample, from_record, to_record
 from emu.errors import DatasetError
 
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 REJECTS_FILE = "rejects.jsonl"
-#: Keys become tar member prefixes and webdataset splits member names at the first dot.
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
-_IMAGE_MEMBER = re.compile(r"^(\d+)\.(png|jpg|webp|gif|bmp)$")
+#: Keys become tar member prefixes and webdataset splits member names at the first dot. Used with
+#: fullmatch: `$` in `match` would also accept a key ending in a newline.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-]{1,200}")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def sanitize_key(raw: str) -> str:
 
 def encode_sample(sample: Sample) -> dict[str, bytes]:
     """Tar members (suffix -> bytes) of a sample: the JSON record and one member per image."""
-    if not KEY_PATTERN.match(sample.key):
+    if not KEY_PATTERN.fullmatch(sample.key):
         raise SampleProblem("key_invalid", f"key {sample.key!r} must match {KEY_PATTERN.pattern}")
     record = to_record(sample)
     image_members = []
@@ -98,7 +98,12 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
         image_members.append(name)
         members[name] = data
     record["image_members"] = image_members
-    members["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    try:
+        members["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate (JSON "\ud800") in a field the importer did not check as text, e.g. a
+        # source field kept in meta: the record cannot be stored as UTF-8.
+        raise SampleProblem("record_not_utf8", f"a field of the record is not valid Unicode: {exc}") from None
     return members
 
 
@@ -121,8 +126,8 @@ def decode_sample(raw: RawSample) -> Sample:
     if not isinstance(record, dict):
         raise SampleProblem("record_invalid", f"{raw.key}.json must hold an object")
     image_members = record.pop("image_members", [])
-    if not isinstance(image_members, list):
-        raise SampleProblem("record_invalid", "image_members must be a list")
+    if not isinstance(image_members, list) or not all(isinstance(m, str) for m in image_members):
+        raise SampleProblem("record_invalid", "image_members must be a list of member names")
     missing = [m for m in image_members if m not in raw.members]
     if missing:
         raise SampleProblem("image_member_missing",
@@ -174,7 +179,7 @@ def iter_raw_samples(tar_path: Path, check_keys: bool = True) -> Iterator[RawSam
                     continue
                 extracted = tar.extractfile(info)
                 current.members[suffix] = extracted.read() if extracted is not None else b""
-                if check_keys and not KEY_PATTERN.match(key):
+                if check_keys and not KEY_PATTERN.fullmatch(key):
                     current.problems.append(Problem("key_invalid", f"key {key!r} must match {KEY_PATTERN.pattern}"))
     except (tarfile.TarError, EOFError, OSError) as exc:
         truncated = current or RawSample(shard=shard, key="")
@@ -204,11 +209,13 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, source_format: str, samples_per_shard: int = 1000,
-                 max_shard_bytes: int = 1 << 30, prefix: str = "shard"):
+                 max_shard_bytes: int = 1 << 30, prefix: str = "shard",
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
         self.out_dir = Path(out_dir)
         self.source_format = source_format
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
+        self.max_image_pixels = max_image_pixels  # the import's limit, so manifest facts agree with it
         self.prefix = prefix
         self.entries: list[ShardEntry] = []
         self.kind_counts: dict[str, int] = {}
@@ -250,7 +257,8 @@ class ShardWriter:
         self.keys.add(sample.key)
         self.kind_counts[sample.kind] = self.kind_counts.get(sample.kind, 0) + 1
         # The importer has already decoded every image (emu.data.importing); header facts suffice.
-        self._rows.append(manifest_mod.row_for_sample(self._shard_name(), sample, decode_images=False))
+        self._rows.append(manifest_mod.row_for_sample(self._shard_name(), sample, decode_images=False,
+                                                      max_pixels=self.max_image_pixels))
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Finish the last shard and write dataset.json (the commit point). Returns the index."""

@@ -121,3 +121,137 @@ class EmuConfig:
             return self.cformer.queries
         side = self.image_tokens_side if side is None else side
         return side * side
+
+
+#: UNet blocks a DecoderConfig may name; the cross-attention ones read the visual embeddings.
+DECODER_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
+DECODER_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+
+@dataclass
+class DecoderConfig:
+    """Emu2's visual decoder (§2.2.3): an SDXL-style diffusers UNet whose cross-attention reads the
+    N visual embeddings, SDXL's frozen VAE, and SDXL's noise schedule. Sizes default to a tiny
+    model that runs in seconds on a CPU.
+
+    emu2 (the released Emu2-Gen `unet/config.json`, diffusers 0.21.2; notes/emu2_model.md §5.3):
+        block_out_channels [320, 640, 1280], layers_per_block 2,
+        down_block_types [DownBlock2D, CrossAttnDownBlock2D, CrossAttnDownBlock2D],
+        up_block_types [CrossAttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D],
+        transformer_layers_per_block [1, 2, 10], attention_head_dim [5, 10, 20],
+        cross_attention_dim 1792, use_linear_projection true, addition_embed_type text_time,
+        addition_time_embed_dim 256, projection_class_embeddings_input_dim 3328 = 1792 + 6 * 256,
+        sample_size 128 (1024 px through the x8 VAE);
+        VAE: block_out_channels [128, 256, 512, 512], layers_per_block 2, latent_channels 4,
+        scaling_factor 0.13025; scheduler: Euler, scaled_linear 0.00085-0.012 over 1000 steps,
+        epsilon, leading spacing, steps_offset 1.
+    """
+
+    #: Width of a visual embedding = the UNet's cross_attention_dim (Emu2: 1792, the EVA width;
+    #: "adjust the dimension of the projection layers in cross-attention modules", §2.2.3).
+    visual_dim: int = 32
+    #: UNet channels per resolution level (Emu2/SDXL: 320, 640, 1280).
+    unet_block_out_channels: tuple[int, ...] = (32, 64)
+    #: ResNet (and transformer) layers per UNet level (Emu2/SDXL: 2).
+    unet_layers_per_block: int = 1
+    #: One down block per level: DownBlock2D (no attention) or CrossAttnDownBlock2D.
+    unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    #: One up block per level, deepest first (the mirror of the down blocks).
+    unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    #: Attention heads per level. diffusers calls this `attention_head_dim` but, for SD/SDXL UNets,
+    #: uses it as the number of heads (SDXL [5, 10, 20] = 64-wide heads on 320/640/1280 channels).
+    unet_attention_head_dim: tuple[int, ...] = (2, 4)
+    #: Transformer blocks per cross-attention level (Emu2/SDXL: 1, 2, 10).
+    unet_transformer_layers_per_block: tuple[int, ...] = (1, 1)
+    #: GroupNorm groups in the UNet (diffusers/SDXL: 32); must divide every level's channels.
+    unet_norm_num_groups: int = 32
+    #: Width of each sinusoidal embedding of the 6 SDXL size/crop conditions (Emu2/SDXL: 256).
+    addition_time_embed_dim: int = 8
+    #: VAE channels per level; the VAE downsamples by 2 ** (levels - 1) (SDXL: 128, 256, 512, 512 -> x8).
+    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    #: ResNet layers per VAE level (SDXL: 2).
+    vae_layers_per_block: int = 1
+    #: GroupNorm groups in the VAE (SDXL: 32); must divide every level's channels.
+    vae_norm_num_groups: int = 32
+    #: Latent channels (SDXL: 4).
+    latent_channels: int = 4
+    #: Latents are multiplied by this after encoding and divided before decoding (SDXL VAE: 0.13025).
+    vae_scaling_factor: float = 0.13025
+    #: Latent side the UNet is built for; output pixels = sample_size * VAE factor (Emu2: 128 -> 1024).
+    sample_size: int = 16
+    #: Diffusion steps of the training noise schedule (SDXL / Emu2 scheduler_config: 1000).
+    num_train_timesteps: int = 1000
+    #: First beta of the schedule (SDXL: 0.00085).
+    beta_start: float = 0.00085
+    #: Last beta of the schedule (SDXL: 0.012).
+    beta_end: float = 0.012
+    #: How betas go from start to end (SDXL: scaled_linear, i.e. linear in sqrt(beta)).
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+    #: What the UNet predicts; Emu2's scheduler_config says epsilon, the only one implemented.
+    prediction_type: Literal["epsilon"] = "epsilon"
+    #: How the sampler spaces its inference timesteps (SDXL / Emu2: leading).
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    #: Offset added to leading-spaced inference timesteps (SDXL / Emu2: 1).
+    steps_offset: int = 1
+    #: Classifier-free guidance scale at sampling; 1.0 turns guidance off (Emu2 App. E: 3.0).
+    guidance_scale: float = 3.0
+    #: Euler sampling steps (Emu2 App. E: 50).
+    num_inference_steps: int = 50
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> ConfigError:
+            return ConfigError(f"model.decoder.{name} ({getattr(self, name)!r}) {why}")
+
+        positive = ("visual_dim", "unet_layers_per_block", "unet_norm_num_groups", "addition_time_embed_dim",
+                    "vae_layers_per_block", "vae_norm_num_groups", "latent_channels", "sample_size",
+                    "num_train_timesteps", "num_inference_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise fail(name, "must be >= 1")
+        levels = len(self.unet_block_out_channels)
+        if levels < 1:
+            raise fail("unet_block_out_channels", "must name at least one level")
+        for name in ("unet_down_block_types", "unet_up_block_types", "unet_attention_head_dim",
+                     "unet_transformer_layers_per_block"):
+            if len(getattr(self, name)) != levels:
+                raise fail(name, f"must have one entry per UNet level ({levels}, as unet_block_out_channels)")
+        for name, allowed in (("unet_down_block_types", DECODER_DOWN_BLOCKS),
+                              ("unet_up_block_types", DECODER_UP_BLOCKS)):
+            if any(block not in allowed for block in getattr(self, name)):
+                raise fail(name, f"may only contain {', '.join(allowed)}")
+        for channels, heads in zip(self.unet_block_out_channels, self.unet_attention_head_dim):
+            if channels < 1 or channels % self.unet_norm_num_groups:
+                raise fail("unet_block_out_channels", f"must be positive multiples of unet_norm_num_groups "
+                                                      f"({self.unet_norm_num_groups})")
+            if heads < 1 or channels % heads:
+                raise fail("unet_attention_head_dim", "must be positive and divide each level's channels "
+                                                      "(it is the number of heads)")
+        if any(n < 1 for n in self.unet_transformer_layers_per_block):
+            raise fail("unet_transformer_layers_per_block", "must all be >= 1")
+        if not self.vae_block_out_channels:
+            raise fail("vae_block_out_channels", "must name at least one level")
+        if any(c < 1 or c % self.vae_norm_num_groups for c in self.vae_block_out_channels):
+            raise fail("vae_block_out_channels", f"must be positive multiples of vae_norm_num_groups "
+                                                 f"({self.vae_norm_num_groups})")
+        if self.vae_scaling_factor <= 0:
+            raise fail("vae_scaling_factor", "must be > 0")
+        if self.sample_size % 2 ** (levels - 1):
+            raise fail("sample_size", f"must be divisible by 2 ** (UNet levels - 1) = {2 ** (levels - 1)}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise fail("beta_start", f"must satisfy 0 < beta_start < beta_end ({self.beta_end}) < 1")
+        if self.steps_offset < 0:
+            raise fail("steps_offset", "must be >= 0")
+        if self.num_inference_steps > self.num_train_timesteps:
+            raise fail("num_inference_steps", f"must be <= num_train_timesteps ({self.num_train_timesteps})")
+        if self.guidance_scale < 1.0:
+            raise fail("guidance_scale", "must be >= 1.0 (1.0 turns classifier-free guidance off)")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent side (SDXL: 2 ** 3 = 8)."""
+        return 2 ** (len(self.vae_block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """Default output side in pixels (Emu2: 128 * 8 = 1024)."""
+        return self.sample_size * self.vae_scale_factor

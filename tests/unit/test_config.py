@@ -56,7 +56,10 @@ def test_unknown_key_lists_the_valid_ones():
     ("steps=1.5", "expected an integer"),
     ("flag=yes please", "expected true or false"),
     ("mode=c", "one of 'a', 'b'"),
-    ("inner.lr=fast", "expected a number"),
+    ("inner.lr=fast", "expected a finite number"),
+    ("inner.lr=.nan", "expected a finite number"),
+    ("inner.lr=inf", "expected a finite number"),
+    ("sizes.pairs=abc", "setting 'outer.sizes.pairs' in override 'sizes.pairs=abc': expected an integer"),
     ("steps", "key=value"),
     ("steps=0", "outer.steps must be >= 1"),
 ])
@@ -130,3 +133,13 @@ def test_emu2_preset_carries_the_paper_settings():
     assert chat.optimizer.betas == (0.9, 0.98) and chat.schedule.warmup_steps == 100
     gen = resolve(SECTIONS["instruct_gen"](), "instruct_gen", "emu2-37b")
     assert gen.mode == "gen" and gen.lr == 5e-5 and gen.steps == 3000
+
+
+def test_unknown_section_in_preset_is_refused(tmp_path):
+    """A misspelt section would be skipped and its settings silently lost."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("outer:\n  steps: 3\nvalidat:\n  max_failure_fraction: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'validat' in preset .*p\.yaml; valid sections: synth, "):
+        resolve(Outer, "outer", str(preset))
+    preset.write_text("outer:\n  steps: 3\nvalidate:\n  max_failure_fraction: 0.5\n")
+    assert resolve(Outer, "outer", str(preset)).steps == 3

@@ -188,6 +188,7 @@ def bad_mmc4_source(tmp_path: Path) -> Path:
         doc(good, text_list=("first sentence.", "")),                # 9 empty sentence
         doc(("../../etc/hostname", 0, 0.3)),                         # 10 climbs out of images/
         doc(("000000000000.jpg", 0, 0.1)),                           # 11 nothing above threshold
+        doc(("nul\x00.jpg", 0, 0.3)),                                 # 12 NUL in the name (the OS raises ValueError)
     ]
     data = "".join(line + "\n" for line in lines).encode().replace(b"caf@", b"caf\xe9")
     (src / "docs_shard_99_v2.jsonl").write_bytes(data)
@@ -205,6 +206,7 @@ BAD_MMC4_RULES = {
     "docs_shard_99_v2-9": "text_empty",
     "docs_shard_99_v2-10": "image_path_unsafe",
     "docs_shard_99_v2-11": "no_images",
+    "docs_shard_99_v2-12": "image_path_unsafe",
 }
 
 
@@ -351,6 +353,19 @@ def test_text_bad_lines(tmp_path):
                               "dump-6": "record_invalid", "dump-7": "record_invalid"}
     renamed = import_source("text", src, tmp_path / "out-body", text=text.Options(field="body"))
     assert renamed.samples["field"].text == "wrong field"
+
+
+def test_text_lone_surrogates_are_rejected_per_sample(tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 file can hold: in a field kept in
+    meta, or in a file name that is not UTF-8, it must cost one sample, not the import."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"id": "m", "text": "ok", "note": "\\ud800"}\n{"id": "k", "text": "kept"}\n')
+    (src / "b\udcff.jsonl").write_text('{"id": "e", "text": " "}\n')  # the name's byte 0xff is not UTF-8
+    result = import_source("text", src, tmp_path / "out")
+    assert list(result.samples) == ["k"]
+    assert result.rules() == {"m": "record_not_utf8", "e": "text_empty"}
+    assert [r["source"] for r in result.rejects] == ["a.jsonl:1", "b\udcff.jsonl:1"]
 
 
 # --- VQAv2 ----------------------------------------------------------------------------------------
@@ -501,3 +516,28 @@ def test_writers_are_deterministic(tmp_path, writer):
     assert files_of(first) == files_of(second)
     other, _ = write(writer, tmp_path, "other-seed", SynthConfig(scale=SMALL.scale, records_per_file=5, seed=1))
     assert files_of(other) != files_of(first)
+
+
+def test_dataset_json_is_written_last_and_a_failed_import_leaves_nothing(tmp_path, monkeypatch):
+    """dataset.json is the commit point: rejects.jsonl and import.config.yaml exist before it, and
+    an import that fails at the very end leaves none of them (nor a shard) behind."""
+    import emu.data.shards as shards
+
+    src = tmp_path / "t.jsonl"
+    src.write_text('{"text": "kept"}\n{"text": ""}\n')
+    seen = []
+    atomic_write = shards._atomic_write_bytes
+
+    def spy(path, data):
+        seen.append(sorted(p.name for p in path.parent.iterdir()))
+        atomic_write(path, data)
+    monkeypatch.setattr(shards, "_atomic_write_bytes", spy)
+    import_source("text", src, tmp_path / "ok")
+    assert seen == [["import.config.yaml", "rejects.jsonl", "shard-000000.parquet", "shard-000000.tar"]]
+
+    def fail(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shards, "_atomic_write_bytes", fail)
+    with pytest.raises(OSError, match="No space left"):
+        run_import("text", src, tmp_path / "failed", ImportConfig())
+    assert list((tmp_path / "failed").iterdir()) == []

@@ -230,6 +230,18 @@ def test_img2dataset_unreadable_parquet_stops_the_import(source, tmp_path):
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
+def test_img2dataset_parquet_with_a_corrupt_footer_is_a_source_error(source, tmp_path):
+    """A column name in the footer that is not UTF-8 makes pyarrow raise UnicodeDecodeError (found
+    by fuzzing); it must be the one-line SourceError, not a traceback."""
+    src = source("img2dataset")
+    data = (src / "00001.parquet").read_bytes()
+    assert b"original_width" in data
+    (src / "00001.parquet").write_bytes(data.replace(b"original_width", b"original_\x9cidth"))
+
+    with pytest.raises(SourceError, match=r"00001.parquet is not a readable parquet file"):
+        run_import("img2dataset", src, tmp_path / "out", ImportConfig())
+
+
 # --------------------------------------------------------------------------------------------
 # GRIT
 
@@ -512,7 +524,8 @@ def test_unreadable_source_raises(fmt, tmp_path):
     ("webvid.frame_format=gif", "import.webvid.frame_format must be one of png, jpg, got 'gif'"),
     ("webvid.videos_dir=", "import.webvid.videos_dir must not be empty"),
     ("grit.min_box_score=1.5", r"import.grit.min_box_score must be in \[0, 1\], got 1.5"),
-    ("grit.min_box_score=.nan", r"import.grit.min_box_score must be in \[0, 1\], got nan"),
+    ("grit.min_box_score=.nan", r"'import.grit.min_box_score' in override 'grit.min_box_score=.nan': "
+                                r"expected a finite number"),
 ])
 def test_options_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -545,3 +558,21 @@ def test_video_side_is_even_for_h264(tmp_path):
     (video,) = (tmp_path / "videos").rglob("*.mp4")
     frames = _decode_all(video)
     assert len(frames) == 3 and frames[0].shape == (32, 32, 3)
+
+
+def test_ytsb_huge_frame_index_is_a_gap_not_an_allocation(source, tmp_path):
+    """Frame indices come from member names: `{vid}.99999999999.png` is a gap to report, and must
+    not size a set of every index below it (that exhausted memory)."""
+    src = source("ytsb")
+    vid = next(iter(samples_by_key(tar_members(src / "0000000.tar"))))
+    # Frame 3 renamed to index 99999999999, kept inside its sample (members stay consecutive).
+    huge = f"{vid}.99999999999.png"
+    write_tar(src / "0000000.tar", [(huge if name == f"{vid}.3.png" else name, data)
+                                    for name, data in tar_members(src / "0000000.tar").items()])
+
+    summary, _, rejects = import_source("ytsb", src, tmp_path / "out")
+
+    reject = reject_of(rejects, vid)
+    assert reject["rule"] == "frame_missing"
+    assert reject["message"] == "frame(s) 3 missing before frame 99999999999"
+    assert summary.samples == 2

@@ -153,3 +153,75 @@ def test_reader_reports_truncation_after_the_complete_samples(tmp_path):
     raws = list(iter_raw_samples(cut))
     assert [r.problems for r in raws[:-1]] == [[]] * (len(raws) - 1)
     assert raws[-1].problems[-1].rule == "shard_truncated"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"kind": "text", "text": 5}, "field 'text' must be str, got 5"),
+    ({"kind": "vqa", "question_id": 1, "image_id": 1, "question": "q", "answers": 5},
+     "field 'answers' must be list[str]"),
+    ({"kind": "vqa", "question_id": True, "image_id": 1, "question": "q", "answers": []},
+     "field 'question_id' must be int"),
+    ({"kind": "chat", "turns": [{"role": "user", "content": 3}]}, "field 'turns' must be list[Turn]"),
+    ({"kind": "chat", "turns": [{"role": "robot", "content": "hi"}]}, "field 'turns' must be list[Turn]"),
+    ({"kind": "gen", "condition": [{"text": "x"}], "target": "0"}, "field 'target' must be int"),
+    ({"kind": "grounded", "text": "abc", "phrases": [{"start": 0, "end": 1, "boxes": [["a", 0, 1, 1]]}]},
+     "field 'phrases' must be list[Phrase]"),
+    ({"kind": "interleaved", "segments": [{"image": "0"}]}, "field 'segments' must be list[Segment]"),
+    ({"kind": "text", "text": "x", "meta": []}, "field 'meta' must be dict"),
+    ({"kind": "text", "text": "x", "image_members": [["0.png"]]}, "image_members must be a list of member names"),
+])
+def test_records_of_the_wrong_type_are_per_sample_problems(tmp_path, fields, message):
+    """A shard written by anyone else (or corrupted) may hold well-formed JSON of the wrong types:
+    reading it reports `record_invalid` for that sample instead of crashing a later stage."""
+    from emu.data.shards import decode_sample
+    from emu.validate.scan import shard_rows
+
+    path = tmp_path / "shard-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "bad.json", json.dumps({"key": "bad", "image_members": [], **fields}).encode())
+        add(tar, "good.json", record("good"))
+    raws = list(iter_raw_samples(path))
+    with pytest.raises(SampleProblem, match="record_invalid") as err:
+        decode_sample(raws[0])
+    assert message in str(err.value)
+    assert decode_sample(raws[1]).text == "hi"
+    rows = list(shard_rows(path, max_pixels=10**6))  # the gate's scan: a row, not a crash
+    assert rows[0]["structure_error"].startswith("record_invalid: ") and rows[1]["structure_error"] is None
+
+
+def test_keys_with_a_trailing_newline_are_invalid(tmp_path):
+    with ShardWriter(tmp_path / "ds", "test") as writer:
+        with pytest.raises(SampleProblem, match="key_invalid"):
+            writer.write(TextOnly(key="abc\n", text="x"))
+        writer.close()
+    path = tmp_path / "nl.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "abc\n.json", record("abc\n"))
+    assert [p.rule for p in next(iter_raw_samples(path)).problems] == ["key_invalid"]
+
+
+def test_a_field_that_is_not_unicode_is_a_sample_problem_not_a_crash(tmp_path):
+    """JSON "\\ud800" parses to a lone surrogate, which cannot be written as UTF-8."""
+    with ShardWriter(tmp_path / "ds", "test") as writer:
+        with pytest.raises(SampleProblem, match="record_not_utf8"):
+            writer.write(TextOnly(key="a", text="fine", meta={"note": "\ud800"}))
+        writer.write(TextOnly(key="b", text="fine"))
+        writer.close()
+    assert [s.key for s in iter_samples(tmp_path / "ds")] == ["b"]
+
+
+def test_manifest_rows_use_the_writers_pixel_limit(tmp_path):
+    """The per-shard manifest must agree with the import's `max_image_pixels`, not the default."""
+    import pyarrow.parquet as pq
+
+    big = Image.new("RGB", (300, 200))
+    out = io.BytesIO()
+    big.save(out, format="PNG")
+    sample = Pair(key="p", images=[out.getvalue()], text="x")
+    for limit, error in ((50_000, "image_decompression_bomb"), (60_000, None)):
+        ds = tmp_path / f"ds{limit}"
+        with ShardWriter(ds, "test", max_image_pixels=limit) as writer:
+            writer.write(sample)
+            writer.close()
+        row = pq.read_table(ds / "shard-000000.parquet").to_pylist()[0]
+        assert (row["image_error"] or "").split(": ")[1:2] == ([error] if error else [])

@@ -63,12 +63,17 @@ def test_edits_change_the_scene_as_instructed():
             assert instruction.split()[-1] in [s.color for s in after.shapes]
 
 
-def test_motion_moves_one_shape_monotonically():
-    frames, text, subtitles = world.motion(random.Random(3), 64, 8)
+@pytest.mark.parametrize("seed", range(8))
+def test_motion_moves_one_shape_monotonically(seed):
+    frames, text, subtitles = world.motion(random.Random(seed), 64, 8)
     assert len(frames) == len(subtitles) == 8 and "moves" in text
-    positions = [(f.shapes[0].row, f.shapes[0].col) for f in frames]
-    assert positions[0] != positions[-1]
     assert all(len(f.shapes) == 1 for f in frames)
+    positions = [(f.shapes[0].row, f.shapes[0].col) for f in frames]
+    direction = text.split(" moves ")[1].rstrip(".")
+    axis, sign = {"right": (1, 1), "left": (1, -1), "down": (0, 1), "up": (0, -1)}[direction]
+    steps = [sign * (b[axis] - a[axis]) for a, b in zip(positions, positions[1:])]
+    assert set(steps) <= {0, 1} and sum(steps) == world.GRID - 1, "one cell at a time, the stated way, edge to edge"
+    assert all(a[1 - axis] == b[1 - axis] for a, b in zip(positions, positions[1:]))
 
 
 def test_same_seed_same_world_and_streams_are_independent():
@@ -76,8 +81,14 @@ def test_same_seed_same_world_and_streams_are_independent():
     a = world.sample_scene(sample_rng(cfg, "pairs", 5))
     assert a == world.sample_scene(sample_rng(cfg, "pairs", 5))
     assert world.encode(world.render(a), "png") == world.encode(world.render(a), "png")
-    others = [world.sample_scene(sample_rng(cfg, "vqa", i)) for i in range(5)]
-    assert a not in others or len(set(others)) > 1
+
+    def scenes_of(config, stream):
+        return [world.sample_scene(sample_rng(config, stream, i)) for i in range(20)]
+    pairs = scenes_of(cfg, "pairs")
+    assert pairs == scenes_of(SynthConfig(seed=7), "pairs")
+    assert pairs != scenes_of(cfg, "vqa"), "each stream draws its own scenes"
+    assert pairs != scenes_of(SynthConfig(seed=8), "pairs"), "another seed, another world"
+    assert len(set(pairs)) > 10
 
 
 def test_size_names_and_counts():
@@ -88,3 +99,16 @@ def test_size_names_and_counts():
     assert cfg.count("pairs") == 1 and SynthConfig(pairs=0).count("pairs") == 0
     with pytest.raises(ConfigError, match="synth.image_size"):
         SynthConfig(image_size=8)
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "-1", "0"])
+def test_size_must_be_finite_and_positive(size):
+    with pytest.raises(ConfigError, match="--size"):
+        size_to_scale(size)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0])
+def test_scale_must_be_finite_and_positive(scale):
+    """NaN passed `scale <= 0` and crashed generation with a traceback (round(nan))."""
+    with pytest.raises(ConfigError, match="synth.scale"):
+        SynthConfig(scale=scale)

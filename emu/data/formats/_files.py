@@ -245,9 +245,10 @@ class ImageFiles:
 
     def _read_file(self, name: str) -> bytes:
         relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\0" in name:
+            # A NUL byte is no valid file name: the OS call would raise ValueError, not OSError.
             raise SampleProblem("image_path_unsafe",
-                                f"image path {name!r} is empty, absolute or climbs out with '..'")
+                                f"image path {name!r} is empty, absolute, climbs out with '..' or holds a NUL byte")
         path = self.root / relative
         try:
             return path.read_bytes()

@@ -202,7 +202,7 @@ def _check_parquet(src: Path, path: Path) -> None:
     try:
         with pq.ParquetFile(path) as parquet:
             names = set(parquet.schema_arrow.names)
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a corrupt footer can raise UnicodeDecodeError
         raise SourceError(f"{source_of(src, path)} is not a readable parquet file: {exc}") from None
     missing = {"key", "status"} - names
     if missing:
@@ -226,7 +226,7 @@ def _failed_rows(src: Path, path: Path) -> Iterator[Reject]:
                         yield Reject(source_of(src, path, key), sanitize_key(key), "source_failed",
                                      f"img2dataset status {row['status']!r} for {row.get('url')!r}: "
                                      f"{row.get('error_message')}")
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException) as exc:  # a corrupt footer can raise UnicodeDecodeError
         raise SourceError(f"{source_of(src, path)} cannot be read: {exc}") from None
 
 

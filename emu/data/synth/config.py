@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, fields
 
@@ -37,8 +38,8 @@ class SynthConfig:
     records_per_file: int = 1000  # records per tar / jsonl file in the sharded public formats
 
     def __post_init__(self) -> None:
-        if self.scale <= 0:
-            raise ConfigError(f"synth.scale must be > 0, got {self.scale}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"synth.scale must be a finite number > 0, got {self.scale}")
         if self.image_size < 24:
             raise ConfigError(f"synth.image_size must be >= 24 pixels to draw shapes, got {self.image_size}")
         if not 1 <= self.max_shapes <= 9:
@@ -66,8 +67,8 @@ def size_to_scale(size: str) -> float:
         value = float(size)
     except ValueError:
         raise ConfigError(f"--size must be one of {', '.join(SIZE_NAMES)} or a positive number, got {size!r}") from None
-    if value <= 0:
-        raise ConfigError(f"--size must be positive, got {size!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--size must be a finite positive number, got {size!r}")
     return value
 
 

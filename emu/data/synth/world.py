@@ -6,7 +6,7 @@ can state exact captions, answer questions (colour, count, position, yes/no), gi
 shapes through video frames and apply edits; a trained model can then be scored against chance.
 
 Everything here is pure: randomness comes from the `random.Random` passed in, so one seed gives
-one world, and no I/O happens (writers live in emu.data.synth.writers).
+one world, and no I/O happens (the writers live in emu.data.synth.web_writers and doc_writers).
 """
 
 from __future__ import annotations
