@@ -19,21 +19,12 @@ from pathlib import Path
 from emu.config import save_resolved
 from emu.data.formats import IMPORTERS, ImportConfig
 from emu.data.images import ImageProblem, inspect_image
+from emu.data.reject import Reject
 from emu.data.schema import KINDS_NEEDING_IMAGES, Sample
 from emu.data.shards import REJECTS_FILE, SampleProblem, ShardWriter, ensure_empty_dataset_dir
 from emu.errors import SourceError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A source record that could not become a sample."""
-
-    source: str
-    key: str
-    rule: str
-    message: str
 
 
 @dataclass(frozen=True)

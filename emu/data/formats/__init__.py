@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from emu.data.formats import coco, grit, img2dataset, llava, mmc4, text, vqav2, webvid, ytsb
 from emu.data.images import DEFAULT_MAX_PIXELS
+from emu.data.reject import Reject
+from emu.data.schema import Sample
 from emu.errors import ConfigError
-
-if TYPE_CHECKING:
-    from emu.data.importing import Reject
-    from emu.data.schema import Sample
 
 
 @dataclass
@@ -47,7 +44,7 @@ class ImportConfig:
             raise ConfigError(f"import.max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
 
-Reader = Callable[[Path, ImportConfig], "Iterator[Sample | Reject]"]
+Reader = Callable[[Path, ImportConfig], Iterator[Sample | Reject]]
 
 IMPORTERS: dict[str, Reader] = {
     "img2dataset": img2dataset.read,

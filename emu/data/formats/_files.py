@@ -17,13 +17,11 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from emu.data.reject import Reject
 from emu.data.shards import SampleProblem, sanitize_key
 from emu.errors import SourceError
-
-if TYPE_CHECKING:
-    from emu.data.importing import Reject
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zip")
 _NUMBER_CHARS = re.compile(r"[0-9.eE+\-]*")
@@ -32,9 +30,6 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace (RFC 8259 §2)
 
 def reject(source: str, key: str, rule: str, message: str) -> Reject:
     """A Reject for the import runner."""
-    # emu.data.importing imports the format registry, which imports the format modules: a
-    # module-level import of it here would be circular.
-    from emu.data.importing import Reject
 
     return Reject(source=source, key=key, rule=rule, message=message)
 

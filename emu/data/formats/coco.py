@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats._files import ImageFiles, load_json, natural_sorted, reject, resolve_dir, source_name
+from emu.data.reject import Reject
 from emu.data.schema import Captions
 from emu.data.shards import SampleProblem, sanitize_key
 from emu.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 ANNOTATIONS_GLOB = "captions_*.json"
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats import img2dataset
+from emu.data.reject import Reject
 from emu.data.schema import Box, Grounded, Phrase
 from emu.data.shards import SampleProblem
 from emu.errors import ConfigError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 #: The two box columns of the GRIT dataset card: noun chunks and their referring expressions.
 BOX_COLUMNS = ("noun_chunks", "ref_exps")
@@ -41,7 +41,6 @@ class Options:
 
 def read(src: Path, config: ImportConfig) -> Iterator[Grounded | Reject]:
     """Yield one `Grounded` sample per downloaded GRIT image, or a Reject naming the broken rule."""
-    from emu.data.importing import Reject
 
     for item in img2dataset.iter_records(src, config):
         if not isinstance(item, img2dataset.Record):

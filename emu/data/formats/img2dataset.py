@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emu.data.images import ImageProblem, inspect_image
+from emu.data.reject import Reject
 from emu.data.schema import Pair
 from emu.data.shards import RawSample, SampleProblem, iter_raw_samples, sanitize_key
 from emu.errors import SourceError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def source_of(src: Path, path: Path, position: str = "") -> str:
 
 def _tar_records(src: Path, tar: Path, config: ImportConfig) -> Iterator[Record | Reject]:
     """Records and rejects of one tar; returns how many samples the tar held (for _stats.json)."""
-    from emu.data.importing import Reject
 
     found = 0
     for raw in iter_raw_samples(tar, check_keys=False):
@@ -212,7 +211,6 @@ def _check_parquet(src: Path, path: Path) -> None:
 def _failed_rows(src: Path, path: Path) -> Iterator[Reject]:
     """One `source_failed` Reject per parquet row img2dataset could not download or resize, read in
     batches of a few columns."""
-    from emu.data.importing import Reject
 
     if not path.exists():
         return

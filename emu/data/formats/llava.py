@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats._files import ImageFiles, iter_json_array, json_type, reject, resolve_dir, source_name
+from emu.data.reject import Reject
 from emu.data.schema import IMAGE_PLACEHOLDER, Chat, Gen, Segment, Turn
 from emu.data.shards import SampleProblem, sanitize_key
 from emu.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 #: Records reuse images (several instructions per COCO image); keep this many files read last.

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from emu.data.formats._files import ImageFiles, Line, iter_jsonl, json_type, jsonl_files, reject, source_name
+from emu.data.reject import Reject
 from emu.data.schema import Interleaved, Segment
 from emu.data.shards import SampleProblem
 from emu.errors import ConfigError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 LAYOUT = "MMC4 docs_shard_{N}_v2.jsonl[.zip] and images/"
 MISSING_IMAGE_POLICIES = ("reject", "drop")

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emu.data.formats._files import Line, iter_jsonl, json_type, jsonl_files, reject, source_name
+from emu.data.reject import Reject
 from emu.data.schema import TextOnly
 from emu.data.shards import sanitize_key
 from emu.errors import ConfigError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 LAYOUT = "one JSON object per line with a text field"
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats._files import ImageFiles, load_json, natural_sorted, reject, resolve_dir
+from emu.data.reject import Reject
 from emu.data.schema import VQA
 from emu.data.shards import SampleProblem, sanitize_key
 from emu.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 QUESTIONS_FILE = re.compile(r"^v2_OpenEnded_mscoco_(?P<subtype>.+)_questions\.json$")
 #: The official files list an image's questions one after another: keep its bytes while they last.

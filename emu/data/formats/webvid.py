@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats.img2dataset import source_of
+from emu.data.reject import Reject
 from emu.data.schema import Pair
 from emu.data.shards import SampleProblem, sanitize_key
 from emu.errors import ConfigError, SourceError
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,6 @@ class Options:
 
 def read(src: Path, config: ImportConfig) -> Iterator[Pair | Reject]:
     """Yield one video Pair per CSV row, or a Reject naming the row and the broken rule."""
-    from emu.data.importing import Reject
 
     options = config.webvid
     csvs = _find_csvs(src)

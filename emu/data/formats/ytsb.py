@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats.img2dataset import find_tars, source_of
+from emu.data.reject import Reject
 from emu.data.schema import VideoText
 from emu.data.shards import RawSample, SampleProblem, iter_raw_samples, sanitize_key
 
 if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
-    from emu.data.importing import Reject
 
 META_MEMBER = "final_meta.json"
 #: `{i}.png` / `{i}.txt` with i written as the maker writes it (no leading zeros).
@@ -35,7 +35,6 @@ class Options:
 
 def read(src: Path, config: ImportConfig) -> Iterator[VideoText | Reject]:
     """Yield one VideoText per video of every `*.tar` in `src`, or a Reject naming the rule."""
-    from emu.data.importing import Reject
 
     for tar in find_tars(src, "YT-Storyboard shards"):
         for raw in iter_raw_samples(tar, check_keys=False):
