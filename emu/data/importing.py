@@ -21,7 +21,7 @@ from emu.data.formats import IMPORTERS, ImportConfig
 from emu.data.images import ImageProblem, inspect_image
 from emu.data.reject import Reject
 from emu.data.schema import KINDS_NEEDING_IMAGES, Sample
-from emu.data.shards import REJECTS_FILE, SampleProblem, ShardWriter, ensure_empty_dataset_dir
+from emu.data.shards import REJECTS_FILE, SampleProblem, ShardWriter
 from emu.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ def run_import(fmt: str, src: Path, out_dir: Path, config: ImportConfig) -> Impo
     if not src.exists():
         raise SourceError(f"source {src} does not exist")
     out_dir = Path(out_dir)
-    ensure_empty_dataset_dir(out_dir)
     read = IMPORTERS[fmt]
-    out_dir.mkdir(parents=True, exist_ok=True)
     rejects_tmp = out_dir / (REJECTS_FILE + ".tmp")
     rule_counts: Counter[str] = Counter()
     written = 0
@@ -98,9 +96,11 @@ def run_import(fmt: str, src: Path, out_dir: Path, config: ImportConfig) -> Impo
             save_resolved(config, "import", config_file)
             # dataset.json last: it is the commit point, so a crash before it never leaves a
             # dataset that looks finished but lacks its rejects or its config.
-            index = writer.close(extra={"rejected": sum(rule_counts.values()), "source": str(src)})
+            # The source path stays out of dataset.json: the same data imported from another path
+            # must give the same bytes (DVC and KFP caches key on content).
+            index = writer.close(extra={"rejected": sum(rule_counts.values())})
         except BaseException:
-            for path in (out_dir / REJECTS_FILE, config_file):  # the writer removes its own files
+            for path in (rejects_tmp, out_dir / REJECTS_FILE, config_file):  # the writer removes its own
                 path.unlink(missing_ok=True)
             raise
     summary = ImportSummary(out_dir=out_dir, samples=written, rejected=sum(rule_counts.values()),

@@ -222,6 +222,7 @@ class ShardWriter:
         self.keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
         self._tmp_tar: Path | None = None
+        self._created: list[Path] = []
         self._rows: list[dict[str, Any]] = []
         self._bytes = 0
 
@@ -281,6 +282,7 @@ class ShardWriter:
 
     def _start_shard(self) -> None:
         self._tmp_tar = self.out_dir / (self._shard_name() + ".tmp")
+        self._created.append(self._tmp_tar)
         self._tar = tarfile.open(self._tmp_tar, mode="w", format=tarfile.USTAR_FORMAT)
         self._rows = []
         self._bytes = 0
@@ -292,9 +294,10 @@ class ShardWriter:
         name = self._shard_name()
         manifest_name = name[: -len(".tar")] + ".parquet"
         tmp_manifest = self.out_dir / (manifest_name + ".tmp")
+        final = self.out_dir / name
+        self._created += [tmp_manifest, self.out_dir / manifest_name, final]
         pq.write_table(manifest_mod.to_table(self._rows), tmp_manifest)
         os.replace(tmp_manifest, self.out_dir / manifest_name)
-        final = self.out_dir / name
         os.replace(self._tmp_tar, final)
         self._tmp_tar = None
         self.entries.append(ShardEntry(name=name, manifest=manifest_name, samples=len(self._rows),
@@ -307,11 +310,8 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-        for entry in self.entries:
-            (self.out_dir / entry.name).unlink(missing_ok=True)
-            (self.out_dir / entry.manifest).unlink(missing_ok=True)
-        for leftover in self.out_dir.glob("*.tmp"):
-            leftover.unlink()
+        for path in self._created:  # only what this writer made: other files in the folder stay
+            path.unlink(missing_ok=True)
 
 
 def ensure_empty_dataset_dir(out_dir: Path) -> None:

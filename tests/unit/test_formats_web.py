@@ -372,6 +372,15 @@ def test_webvid_frame_options(written, tmp_path):
         assert sample.meta["frame_indices"] == sorted(sample.meta["frame_indices"]) == sample_indices(12, 20)
 
 
+def test_webvid_frames_above_the_pixel_limit_are_refused_before_decoding(written, tmp_path):
+    """A video's declared frame size is checked like an image's: a video decompression bomb."""
+    src, _ = written["webvid"]
+    out, samples, rejects = import_source("webvid", src, tmp_path / "out", "max_image_pixels=1000")
+    assert samples == [] and rejects
+    assert {r["rule"] for r in rejects} == {"image_decompression_bomb"}
+    assert "declares 64x64 frames" in rejects[0]["message"]
+
+
 def test_webvid_bad_rows(source, tmp_path):
     src = source("webvid")
     csv_path = src / "results_synth.csv"

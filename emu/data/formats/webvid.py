@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emu.data.formats.img2dataset import source_of
+from emu.data.images import DEFAULT_MAX_PIXELS
 from emu.data.reject import Reject
 from emu.data.schema import Pair
 from emu.data.shards import SampleProblem, sanitize_key
@@ -59,7 +60,6 @@ class Options:
 
 def read(src: Path, config: ImportConfig) -> Iterator[Pair | Reject]:
     """Yield one video Pair per CSV row, or a Reject naming the row and the broken rule."""
-
     options = config.webvid
     csvs = _find_csvs(src)
     videos = src / options.videos_dir  # an absolute videos_dir replaces src
@@ -71,7 +71,7 @@ def read(src: Path, config: ImportConfig) -> Iterator[Pair | Reject]:
             source = source_of(src, path, str(line))
             key = sanitize_key(row["videoid"] or "")
             try:
-                yield _sample(row, key, source, videos, options)
+                yield _sample(row, key, source, videos, options, config.max_image_pixels)
             except SampleProblem as exc:
                 yield Reject(source, key, exc.problem.rule, exc.problem.message)
 
@@ -105,10 +105,11 @@ def _rows(src: Path, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise SourceError(f"{name} is not a readable CSV: {exc}") from None
 
 
-def _sample(row: dict[str, Any], key: str, source: str, videos: Path, options: Options) -> Pair:
+def _sample(row: dict[str, Any], key: str, source: str, videos: Path, options: Options,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> Pair:
     duration_s = _duration_seconds(row["duration"])
     path = _video_path(videos, row["page_dir"] or "", row["videoid"] or "")
-    frames, indices, total = decode_frames(path, options.num_frames, options.frame_format)
+    frames, indices, total = decode_frames(path, options.num_frames, options.frame_format, max_pixels)
     meta = {"videoid": row["videoid"], "contentUrl": row["contentUrl"], "page_dir": row["page_dir"],
             "duration": row["duration"], "duration_s": duration_s, "video_frames": total,
             "frame_indices": indices}
@@ -143,11 +144,14 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
     return [(2 * i + 1) * total // (2 * num_frames) for i in range(num_frames)]
 
 
-def decode_frames(path: Path, num_frames: int, frame_format: str) -> tuple[list[bytes], list[int], int]:
+def decode_frames(path: Path, num_frames: int, frame_format: str,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[bytes], list[int], int]:
     """Decode `path` once, front to back, keeping only the sampled frames.
 
     Returns (encoded frames in time order, their indices, the video's frame count). Raises
-    SampleProblem("video_undecodable") for anything PyAV cannot read.
+    SampleProblem("video_undecodable") for anything PyAV cannot read, and
+    SampleProblem("image_decompression_bomb") for a declared frame size above `max_pixels`,
+    checked before any frame is decoded.
     """
     import av  # PyAV is only needed by this importer
 
@@ -156,6 +160,11 @@ def decode_frames(path: Path, num_frames: int, frame_format: str) -> tuple[list[
             if not container.streams.video:
                 raise SampleProblem("video_undecodable", f"{path.name} has no video stream")
             stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_pixels:
+                raise SampleProblem("image_decompression_bomb",
+                                    f"{path.name} declares {width}x{height} frames, above the limit of "
+                                    f"{max_pixels} pixels")
             # mp4 stores the frame count in its sample table; other containers may not.
             total = stream.frames or _count_frames(path)
             if total < 1:
