@@ -413,3 +413,25 @@ def test_importing_the_adapter_imports_no_boto3():
             "assert not any(m.split('.')[0] in ('boto3', 'botocore', 'dvc') for m in sys.modules), "
             "sorted(m for m in sys.modules if m.startswith(('boto', 'dvc')))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_emu_model_loads_from_an_s3_uri(s3_server, tmp_path, monkeypatch):
+    """Model-loading code takes local or S3 paths: save, upload, load by s3:// URI, same weights."""
+    import torch
+
+    from emu.data.tokenizer import train_tokenizer
+    from emu.model.config import EmuConfig
+    from emu.model.emu import EmuModel
+    from emu.model.io import load_model, save_model
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EMU_CACHE_DIR", str(tmp_path / "cache"))
+    tok = train_tokenizer(["a red circle"] * 10, 300)
+    torch.manual_seed(0)
+    model = EmuModel.build(EmuConfig(), tok)
+    save_model(model, tok, tmp_path / "model")
+    upload_folder(tmp_path / "model", f"s3://{s3_server.bucket}/models/tiny")
+    loaded, _ = load_model(f"s3://{s3_server.bucket}/models/tiny")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "cache" / "s3" / s3_server.bucket / "models" / "tiny" / "emu.json").is_file()
