@@ -136,7 +136,7 @@ def validate(
 
 @config_app.command("show")
 def config_show(
-    section: Annotated[str, typer.Argument(help="Section: synth, import, validate, stage1, stage2, decoder, instruct, instruct_gen.")],
+    section: Annotated[str, typer.Argument(help="Section: synth, import, validate, model, visual_decoder, stage1, stage2, decoder, instruct, instruct_gen.")],
     preset: PresetOption = None,
     overrides: OverridesArgument = None,
 ) -> None:

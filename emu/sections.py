@@ -24,6 +24,16 @@ def _validate() -> type:
     return ValidateConfig
 
 
+def _model() -> type:
+    from emu.model.config import EmuConfig
+    return EmuConfig
+
+
+def _visual_decoder() -> type:
+    from emu.model.config import DecoderConfig
+    return DecoderConfig
+
+
 def _train(name: str) -> Callable[[], type]:
     def load() -> type:
         from emu.train import config
@@ -35,6 +45,8 @@ SECTIONS: dict[str, Callable[[], type]] = {
     "synth": _synth,
     "import": _import,
     "validate": _validate,
+    "model": _model,                  # the multimodal LM architecture (EmuConfig)
+    "visual_decoder": _visual_decoder,  # the diffusion decoder architecture (DecoderConfig)
     "stage1": _train("Stage1Config"),
     "stage2": _train("Stage2Config"),
     "decoder": _train("DecoderTrainConfig"),

@@ -143,3 +143,26 @@ def test_unknown_section_in_preset_is_refused(tmp_path):
         resolve(Outer, "outer", str(preset))
     preset.write_text("outer:\n  steps: 3\nvalidate:\n  max_failure_fraction: 0.5\n")
     assert resolve(Outer, "outer", str(preset)).steps == 3
+
+
+def test_tiny_preset_model_and_decoder_build():
+    import torch
+
+    from emu.data.tokenizer import train_tokenizer
+    from emu.model.decoder import VisualDecoder
+    from emu.model.emu import EmuModel
+
+    model_cfg = resolve(SECTIONS["model"](), "model", "tiny")
+    decoder_cfg = resolve(SECTIONS["visual_decoder"](), "visual_decoder", "tiny")
+    assert decoder_cfg.visual_dim == model_cfg.visual_dim, "the decoder reads the LM's visual embeddings"
+    model = EmuModel.build(model_cfg, train_tokenizer(["a red circle"] * 5, 300))
+    assert model.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64)
+    decoder = VisualDecoder.from_config(decoder_cfg)
+    assert decoder_cfg.image_size == 64 and decoder.unet.config.cross_attention_dim == 64
+
+
+@pytest.mark.parametrize("preset", ["small", "emu2-37b"])
+def test_larger_presets_keep_decoder_and_encoder_widths_aligned(preset):
+    model_cfg = resolve(SECTIONS["model"](), "model", preset)
+    decoder_cfg = resolve(SECTIONS["visual_decoder"](), "visual_decoder", preset)
+    assert decoder_cfg.visual_dim == model_cfg.visual_dim
