@@ -51,6 +51,10 @@ class VisualTokenIds:
 
 @dataclass
 class EmuOutput:
+    """`loss` = text_weight * text_loss + image_weight * image_loss. The two parts keep their
+    graph so a trainer accumulating micro-batches can weight each by its share of the step's
+    targets (an exact token mean over the whole step)."""
+
     loss: torch.Tensor
     text_loss: torch.Tensor
     image_loss: torch.Tensor
@@ -195,5 +199,5 @@ class EmuModel(nn.Module):
             image_loss = hidden.sum() * 0.0
             n_image = 0
         loss = text_weight * text_loss + image_weight * image_loss
-        return EmuOutput(loss=loss, text_loss=text_loss.detach(), image_loss=image_loss.detach(),
+        return EmuOutput(loss=loss, text_loss=text_loss, image_loss=image_loss,
                          text_targets=n_text, image_targets=n_image)
