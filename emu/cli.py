@@ -22,11 +22,19 @@ app = typer.Typer(help="Emu training platform.", no_args_is_help=True, add_compl
 data_app = typer.Typer(help="Synthetic data and import of public formats into shards.",
                        no_args_is_help=True)
 config_app = typer.Typer(help="Inspect presets and settings.", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages on DeepSpeed (single process, or under the deepspeed launcher / torchrun).",
+                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(train_app, name="train")
+
+DataOption = Annotated[list[Path], typer.Option("--data", help="Shard dataset folder(s); repeat for several.")]
+OutOption = Annotated[Path, typer.Option(help="Output folder (re-running on it resumes from its last checkpoint).")]
+#: Exit code after SIGTERM: a checkpoint was written, re-running resumes (128 + SIGTERM).
+EXIT_PREEMPTED = 143
 
 PresetOption = Annotated[Optional[str], typer.Option(
-    "--preset", help="Preset name (tiny, small, emu2-37b) or path to a YAML preset.")]
+    "--preset", "--config", help="Preset name (tiny, small, emu2-37b) or path to a YAML preset.")]
 OverridesArgument = Annotated[Optional[list[str]], typer.Argument(
     help="Setting overrides as key=value (dotted keys for nested settings).", show_default=False)]
 
@@ -132,6 +140,82 @@ def validate(
     for line in result.summary_lines():
         typer.echo(line)
     raise typer.Exit(0 if result.passed else 1)
+
+
+def _train(stage: str, section: str, preset: str | None, overrides: list[str], run) -> None:
+    """Resolve the stage config, join the process group, run, report; exit 143 after SIGTERM."""
+    from emu.config import resolve
+    from emu.sections import SECTIONS
+    from emu.train.engine import init_distributed, shutdown_distributed
+    from emu.train.trainer import Preempted
+
+    config = resolve(SECTIONS[section](), section, preset, overrides)
+    rank, _ = init_distributed()
+    try:
+        result = run(config)
+    except Preempted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
+    finally:
+        shutdown_distributed()
+    if rank == 0:
+        final = result.summary["final"]
+        losses = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "text_loss", "image_loss") if isinstance(final.get(k), float))
+        typer.echo(f"{stage}: {result.summary['steps']} steps ({losses}); exported {result.export}")
+
+
+@train_app.command("stage1")
+def train_stage1(data: DataOption, out: OutOption, preset: PresetOption = None, overrides: OverridesArgument = None) -> None:
+    """Stage-1 pretraining on image/video-text pairs, captioning loss only (Emu2 §2.2.2). Builds the
+    model from the preset's `model` section unless stage1.init names one."""
+    from emu.config import resolve
+    from emu.model.config import EmuConfig
+    from emu.train.stages import stage1
+
+    architecture = resolve(EmuConfig, "model", preset)
+    _train("stage1", "stage1", preset, list(overrides or []), lambda c: stage1(c, architecture, data, out))
+
+
+@train_app.command("stage2")
+def train_stage2(data: DataOption, out: OutOption, init: Annotated[Optional[str], typer.Option(
+                     help="Stage-1 model folder or s3:// URI (sets stage2.init).")] = None,
+                 preset: PresetOption = None, overrides: OverridesArgument = None) -> None:
+    """Stage-2 pretraining on the mixture, text CE + visual regression, encoder frozen (Emu2 §2.2.2)."""
+    from emu.train.stages import stage2
+
+    extra = [f"init={init}"] if init else []
+    _train("stage2", "stage2", preset, extra + list(overrides or []), lambda c: stage2(c, data, out))
+
+
+@train_app.command("decoder")
+def train_decoder(data: DataOption, out: OutOption, encoder: Annotated[Optional[str], typer.Option(
+                      help="Model whose frozen encoder gives the conditions (sets decoder.encoder).")] = None,
+                  preset: PresetOption = None, overrides: OverridesArgument = None) -> None:
+    """Visual decoder: diffusion UNet as an autoencoder of visual embeddings (Emu2 §2.2.3). Builds
+    the decoder from the preset's `visual_decoder` section unless decoder.init names one."""
+    from emu.config import resolve
+    from emu.model.config import DecoderConfig
+    from emu.train.stages import train_decoder as run
+
+    architecture = resolve(DecoderConfig, "visual_decoder", preset)
+    extra = [f"encoder={encoder}"] if encoder else []
+    _train("decoder", "decoder", preset, extra + list(overrides or []), lambda c: run(c, architecture, data, out))
+
+
+@train_app.command("instruct")
+def train_instruct(data: DataOption, out: OutOption, init: Annotated[Optional[str], typer.Option(
+                       help="Stage-2 model folder or s3:// URI (sets instruct.init).")] = None,
+                   mode: Annotated[str, typer.Option(help="chat (Emu2-Chat) or gen (Emu2-Gen): the preset "
+                                                          "section instruct or instruct_gen.")] = "chat",
+                   preset: PresetOption = None, overrides: OverridesArgument = None) -> None:
+    """Instruction tuning: chat (answers-only loss, 16x16 tokens) or gen (last-image regression) (Emu2 §2.3)."""
+    from emu.train.stages import instruct
+
+    if mode not in ("chat", "gen"):
+        raise EmuError(f"--mode must be chat or gen, got {mode!r}")
+    section = "instruct" if mode == "chat" else "instruct_gen"
+    extra = [f"init={init}"] if init else []
+    _train(section, section, preset, extra + list(overrides or []), lambda c: instruct(c, data, out))
 
 
 @config_app.command("show")

@@ -27,15 +27,21 @@ CONFIG_FILE = "emu.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_model(model: EmuModel, tokenizer, folder: Path) -> Path:
-    """Write the model and its tokenizer into `folder` (created; existing files are replaced)."""
+def save_model(model: EmuModel, tokenizer, folder: Path, state_dict: dict[str, torch.Tensor] | None = None,
+               config: EmuConfig | None = None) -> Path:
+    """Write the model and its tokenizer into `folder` (created; existing files are replaced).
+
+    `state_dict` / `config` replace the module's own (a trainer passes the weights it gathered
+    from ZeRO partitions, and the config of the resolution it finished at)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rest = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("lm.")}
+    state = model.state_dict() if state_dict is None else state_dict
+    rest = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith("lm.")}
     save_file(rest, str(folder / WEIGHTS_FILE))
-    model.lm.save_pretrained(str(folder / "lm"))
+    lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    model.lm.save_pretrained(str(folder / "lm"), state_dict=lm_state)
     tokenizer.save_pretrained(str(folder / "tokenizer"))
-    meta = {"format": FORMAT, "version": VERSION, "config": to_dict(model.config),
+    meta = {"format": FORMAT, "version": VERSION, "config": to_dict(config or model.config),
             "token_ids": {"image": model.token_ids.image, "frame": model.token_ids.frame}}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder

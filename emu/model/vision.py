@@ -96,13 +96,42 @@ class EvaVisionTransformer(nn.Module):
 
     def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels_BCHW)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        grid = pixels_BCHW.shape[-1] // self.config.patch_size
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + interpolate_positions(self.pos_embed, grid)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         return x
+
+
+def interpolate_positions(pos_embed_1ND: torch.Tensor, grid: int) -> torch.Tensor:
+    """Position embeddings for a `grid` x `grid` patch layout: the CLS row as is, the patch rows
+    resized bicubically (the standard way ViTs change resolution; Emu2 raises stage 1 from 224 to
+    448 px, §2.2.2). Identity when the grid matches."""
+    n = pos_embed_1ND.shape[1] - 1
+    old = int(round(n ** 0.5))
+    if old == grid:
+        return pos_embed_1ND
+    cls, patches = pos_embed_1ND[:, :1], pos_embed_1ND[:, 1:]
+    D = patches.shape[-1]
+    patches = patches.reshape(1, old, old, D).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = patches.to(pos_embed_1ND.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, D)
+    return torch.cat((cls, patches), dim=1)
+
+
+def resize_position_embeddings(visual: EvaVisionTransformer, image_size: int) -> None:
+    """Bake the positions for `image_size` into the parameter and the config (after training at a
+    new resolution, so the exported model states the resolution it was trained at)."""
+    import dataclasses
+
+    grid = image_size // visual.config.patch_size
+    with torch.no_grad():
+        resized = interpolate_positions(visual.pos_embed.data, grid)
+    visual.pos_embed = nn.Parameter(resized, requires_grad=visual.pos_embed.requires_grad)
+    visual.config = dataclasses.replace(visual.config, image_size=image_size)
 
 
 def pool_patches(tokens_BND: torch.Tensor, side: int) -> torch.Tensor:

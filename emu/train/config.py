@@ -1,16 +1,20 @@
-"""Optimisation settings of the four training stages (Emu2 §2.2.2, §2.2.3, §2.3; Tables 6–9).
+"""Settings of the four training stages (Emu2 §2.2.2, §2.2.3, §2.3; Tables 6–9).
 
-Each stage has its own dataclass; the shared pieces (optimizer, schedule, runtime) are small
-dataclasses they embed. The `emu2-37b` preset fills them with the paper's values; where the
-paper is ambiguous the preset says so in a comment.
+Each stage has its own dataclass; the shared pieces (optimizer, schedule, runtime, sequences)
+are small dataclasses they embed. The `emu2-37b` preset fills them with the paper's values;
+where the paper is ambiguous the preset says so in a comment.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from emu.errors import ConfigError
+
+#: Parts of an EmuModel that a stage may train (emu.model.emu attribute names).
+MODULES = ("visual", "cformer", "project_up", "lm", "project_down")
 
 
 @dataclass
@@ -54,16 +58,18 @@ class ScheduleConfig:
 
 @dataclass
 class RuntimeConfig:
-    """How a stage runs: precision, ZeRO stage, accumulation, checkpoint cadence."""
+    """How a stage runs: precision, ZeRO stage, micro-batching, checkpoint cadence, logging."""
 
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 0
-    micro_batch_size: int = 4  # per process; global batch = micro x accumulation x processes
+    micro_batch_size: int = 4  # packed rows per forward/backward; a step accumulates as many as it needs
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
     keep_checkpoints: int = 2
     log_every: int = 1
     seed: int = 0
+    peak_tflops: float = 0.0   # per-device peak for MFU; 0 = a known GPU's bf16 peak, none on CPU
+    progress: bool = True      # tqdm bar with ETA on rank 0
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -73,18 +79,50 @@ class RuntimeConfig:
                 raise ConfigError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"runtime.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.peak_tflops < 0 or not math.isfinite(self.peak_tflops):
+            raise ConfigError(f"runtime.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
-def _check_steps_and_batches(section: str, steps: int, batch_sizes: dict[str, int]) -> None:
+@dataclass
+class SequenceConfig:
+    """How samples become LM rows (emu.data.sequence, emu.data.packing)."""
+
+    max_len: int = 1024        # tokens per row, visual tokens included (Emu2 MMC4 subsequences: L = 1024)
+    packing: bool = True       # several sequences per row, block-diagonal attention
+    too_long: Literal["error", "skip"] = "error"  # a sequence that cannot fit max_len
+
+    def __post_init__(self) -> None:
+        if self.max_len < 8:
+            raise ConfigError(f"sequence.max_len must be >= 8, got {self.max_len}")
+
+
+def _check_common(section: str, steps: int, batch_sizes: dict[str, int], allowed: tuple[str, ...],
+                  image_size: int) -> None:
     if steps < 1:
         raise ConfigError(f"{section}.steps must be >= 1, got {steps}")
+    if image_size < 1:
+        raise ConfigError(f"{section}.image_size must be >= 1, got {image_size}")
     if not batch_sizes:
         raise ConfigError(f"{section}.batch_sizes must name at least one data type")
     for name, size in batch_sizes.items():
+        if name not in allowed:
+            raise ConfigError(f"{section}.batch_sizes.{name}: {section} does not train on {name!r}; "
+                              f"its data types: {', '.join(allowed)}")
         if size < 0:
             raise ConfigError(f"{section}.batch_sizes.{name} must be >= 0, got {size}")
     if sum(batch_sizes.values()) == 0:
         raise ConfigError(f"{section}.batch_sizes: at least one data type needs a batch size > 0")
+
+
+def _check_trainable(section: str, trainable: list[str], frozen: tuple[str, ...], why: str) -> None:
+    for name in trainable:
+        if name not in MODULES:
+            raise ConfigError(f"{section}.trainable: unknown module {name!r}; modules: {', '.join(MODULES)}")
+        if name in frozen:
+            raise ConfigError(f"{section}.trainable lists {name!r}, but {section} keeps it frozen ({why}); "
+                              f"remove it from {section}.trainable")
+    if not trainable:
+        raise ConfigError(f"{section}.trainable is empty: nothing would train")
 
 
 @dataclass
@@ -105,20 +143,31 @@ class Stage1Config:
     #: Restart warmup and decay when the resolution rises, as Emu2 restarts training at 448 px.
     restart_schedule_on_resize: bool = True
     video_frames: int = 8  # frames sampled per video (Emu2 App. B.1)
+    trainable: list[str] = field(default_factory=lambda: ["visual", "cformer", "project_up", "lm"])
+    #: Model folder or s3:// URI to start from; empty: build from the `model` section.
+    init: str = ""
+    #: Tokenizer folder or s3:// URI for a model built from scratch; empty: train a byte-level BPE
+    #: of `tokenizer_vocab` tokens on the training texts (tiny and synthetic runs).
+    tokenizer: str = ""
+    tokenizer_vocab: int = 1024
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        _check_steps_and_batches("stage1", self.steps, self.batch_sizes)
+        _check_common("stage1", self.steps, self.batch_sizes, ("image_text", "video_text"), self.image_size)
+        _check_trainable("stage1", self.trainable, (), "")
         for name in ("lr_projection", "lr_lm", "lr_encoder"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"stage1.{name} must be >= 0, got {getattr(self, name)}")
+        if self.video_frames < 1:
+            raise ConfigError(f"stage1.video_frames must be >= 1, got {self.video_frames}")
         last = 0
         for entry in self.resolution_schedule:
-            if len(entry) != 2 or entry[0] <= last or entry[1] < 1:
+            if len(entry) != 2 or not last < entry[0] < self.steps or entry[1] < 1:
                 raise ConfigError("stage1.resolution_schedule must be [[step, image_size], ...] with "
-                                  f"increasing steps > 0, got {self.resolution_schedule}")
+                                  f"increasing steps in (0, stage1.steps), got {self.resolution_schedule}")
             last = entry[0]
 
 
@@ -136,14 +185,24 @@ class Stage2Config:
     image_text_order_p: float = 0.5  # probability the image comes before its text (Emu2 App. B.1)
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
+    trainable: list[str] = field(default_factory=lambda: ["project_up", "lm", "project_down"])
+    #: Model folder or s3:// URI to start from (stage 1's export).
+    init: str = ""
+    #: Use precomputed visual embeddings (emu precompute) instead of encoding online.
+    precomputed: str = ""
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        _check_steps_and_batches("stage2", self.steps, self.batch_sizes)
+        _check_common("stage2", self.steps, self.batch_sizes, (
+            "image_text", "video_text", "interleaved", "video_interleaved", "grounded", "text"), self.image_size)
+        _check_trainable("stage2", self.trainable, ("visual", "cformer"), "Emu2 §2.2.2 freezes the visual encoder")
         if not 0.0 <= self.image_text_order_p <= 1.0:
             raise ConfigError(f"stage2.image_text_order_p must be in [0, 1], got {self.image_text_order_p}")
+        if self.text_loss_weight < 0 or self.image_loss_weight < 0:
+            raise ConfigError("stage2.text_loss_weight and stage2.image_loss_weight must be >= 0")
 
 
 @dataclass
@@ -151,20 +210,28 @@ class DecoderTrainConfig:
     """Visual decoder as an image autoencoder; encoder and VAE frozen (Emu2 §2.2.3, Table 7)."""
 
     steps: int = 100
-    batch_size: int = 8
+    #: Global batch per data type: the decoder learns from the images of image-text pairs.
+    batch_sizes: dict[str, int] = field(default_factory=lambda: {"image_text": 8})
     lr: float = 1e-4
     image_size: int = 448        # encoder input resolution
     output_size: int = 1024      # decoder output resolution
     condition_drop: float = 0.1  # probability of dropping the visual condition (for CFG)
     noise_offset: float = 0.1
+    #: Emu model folder or s3:// URI whose (frozen) encoder provides the conditions (stage 1's export).
+    encoder: str = ""
+    #: Decoder folder to start from (e.g. a converted SDXL); empty: build from `visual_decoder`.
+    init: str = ""
+    precomputed: str = ""
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, grad_clip=1.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(decay="linear", warmup="log"))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"decoder.steps and decoder.batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        _check_common("decoder", self.steps, self.batch_sizes, ("image_text", "grounded", "edit", "chat"),
+                      self.image_size)
+        if self.output_size < 8:
+            raise ConfigError(f"decoder.output_size must be >= 8, got {self.output_size}")
         if not 0.0 <= self.condition_drop < 1.0:
             raise ConfigError(f"decoder.condition_drop must be in [0, 1), got {self.condition_drop}")
         if self.noise_offset < 0:
@@ -182,19 +249,27 @@ class InstructConfig:
     image_size: int = 448
     image_tokens_side: int = 16  # Emu2-Chat pools to 16x16 = 256 tokens per image (§2.3.1)
     video_tokens_side: int = 8   # video frames stay at 8x8 = 64 (official chat.py v_query=64)
-    entity_drop_p: float = 0.0   # gen: probability of dropping an entity's tokens (paper gives none)
+    entity_drop_p: float = 0.0   # gen: probability of dropping a condition segment (paper gives none)
     #: System message per data category (Emu2 App. C.1).
     system_messages: dict[str, str] = field(default_factory=lambda: {
         "academic": "You are a helpful assistant, dedicated to provide concise and efficient answers.",
         "chat": "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses.",
     })
+    trainable: list[str] = field(default_factory=lambda: ["project_up", "lm", "project_down"])
+    init: str = ""
+    precomputed: str = ""
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(betas=(0.9, 0.98)))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=100))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        _check_steps_and_batches("instruct", self.steps, self.batch_sizes)
+        allowed = ("chat", "academic") if self.mode == "chat" else ("edit", "image_text", "grounded")
+        _check_common("instruct", self.steps, self.batch_sizes, allowed, self.image_size)
+        _check_trainable("instruct", self.trainable, ("visual", "cformer"),
+                         "Emu2 §2.3 freezes the visual encoder in instruction tuning")
         if self.image_tokens_side < 1 or self.video_tokens_side < 1:
             raise ConfigError("instruct.image_tokens_side and instruct.video_tokens_side must be >= 1")
         if not 0.0 <= self.entity_drop_p < 1.0:
             raise ConfigError(f"instruct.entity_drop_p must be in [0, 1), got {self.entity_drop_p}")
+

@@ -126,7 +126,7 @@ def test_emu2_preset_carries_the_paper_settings():
     assert s2.lr == 1e-5 and s2.steps == 20350 and s2.image_size == 448
     assert s2.batch_sizes["image_text"] == 12800 and s2.batch_sizes["text"] == 800
     dec = resolve(SECTIONS["decoder"](), "decoder", "emu2-37b")
-    assert (dec.steps, dec.batch_size, dec.lr, dec.condition_drop, dec.noise_offset) == (8000, 2048, 1e-4, 0.1, 0.1)
+    assert (dec.steps, dec.batch_sizes, dec.lr, dec.condition_drop, dec.noise_offset) == (8000, {"image_text": 2048}, 1e-4, 0.1, 0.1)
     assert dec.optimizer.betas == (0.9, 0.999) and dec.optimizer.weight_decay == 0.01
     chat = resolve(SECTIONS["instruct"](), "instruct", "emu2-37b")
     assert chat.mode == "chat" and chat.steps == 8000 and chat.image_tokens_side == 16

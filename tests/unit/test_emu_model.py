@@ -221,3 +221,18 @@ def test_cformer_connector_is_causal_over_queries(tok):
 def test_lm_is_a_plain_llama(model):
     assert isinstance(model.lm, LlamaForCausalLM)
     assert model.project_up.bias is None and model.project_down.bias is None
+
+
+def test_position_embeddings_follow_the_input_resolution():
+    """Stage 1 raises the resolution mid-schedule (224 -> 448 px in Emu2): positions interpolate,
+    and baking them into the parameter gives the same outputs."""
+    from emu.model.vision import resize_position_embeddings
+
+    torch.manual_seed(0)
+    eva = EvaVisionTransformer(VisionConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, mlp_dim=32)).eval()
+    big = torch.randn(1, 3, 32, 32)
+    dynamic = eva(big)
+    assert dynamic.shape == (1, 65, 16)
+    resize_position_embeddings(eva, 32)
+    assert eva.config.image_size == 32 and eva.pos_embed.shape == (1, 65, 16)
+    assert_close(eva(big), dynamic)

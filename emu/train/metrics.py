@@ -1,0 +1,130 @@
+"""Training observability: per-step records to JSONL and TensorBoard, a progress bar with ETA, a
+final summary, and the FLOP count behind the MFU estimate.
+
+FLOPs of one training step (forward + backward = 3 x forward; a multiply-add is 2 FLOPs):
+
+    LM        6 * N_lm * T  +  12 * L * d * sum_s(len_s^2)  +  6 * d * V * T_text
+    encoder   (6 if it trains else 2) * N_vit * P  +  (12 or 4) * L_v * d_v * P^2     per image
+
+N_lm is the LM's parameters without embeddings and output head; T every position the LM
+processes, visual tokens included (a 64-token image costs 64 positions); len_s the length of each
+packed sequence (attention is block-diagonal, so packing adds no attention FLOPs); d, L, V the
+LM width, depth and vocabulary; T_text the scored text targets (logits are computed only there,
+emu.model.emu). N_vit and P are the ViT's parameters and tokens per image (patches + CLS). The
+attention term follows PaLM (Chowdhery et al. 2022, App. B), counting the full (not causal-half)
+score matrix. MFU = FLOPs / step time / peak FLOP/s of the device (RuntimeConfig.peak_tflops, or
+the bf16 dense peak of a known GPU); on CPU it is left out unless a peak is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Dense bf16 peak TFLOP/s (vendor datasheets, SXM parts).
+KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    lm_params: int        # non-embedding LM parameters
+    lm_layers: int
+    lm_width: int
+    vocab: int
+    vit_params: int
+    vit_layers: int
+    vit_width: int
+    vit_tokens: int       # patches + CLS per image
+    encoder_trains: bool
+
+    def step_flops(self, lm_tokens: int, sequence_lengths: list[int], text_targets: int, images: int) -> float:
+        lm = 6.0 * self.lm_params * lm_tokens
+        lm += 12.0 * self.lm_layers * self.lm_width * sum(n * n for n in sequence_lengths)
+        lm += 6.0 * self.lm_width * self.vocab * text_targets
+        passes = 3.0 if self.encoder_trains else 1.0
+        vit = passes * (2.0 * self.vit_params * self.vit_tokens
+                        + 4.0 * self.vit_layers * self.vit_width * self.vit_tokens ** 2)
+        return lm + vit * images
+
+
+def flop_model(model, encoder_trains: bool) -> FlopModel:
+    """The FlopModel of an EmuModel (emu.model.emu)."""
+    lm = model.lm
+    embed = lm.get_input_embeddings().weight.numel() + lm.get_output_embeddings().weight.numel()
+    lm_params = sum(p.numel() for p in lm.parameters()) - embed
+    vit = model.visual
+    cfg = model.config.vision
+    return FlopModel(lm_params=lm_params, lm_layers=lm.config.num_hidden_layers, lm_width=lm.config.hidden_size,
+                     vocab=lm.get_output_embeddings().weight.shape[0],
+                     vit_params=sum(p.numel() for p in vit.parameters()), vit_layers=cfg.layers,
+                     vit_width=cfg.width, vit_tokens=cfg.grid ** 2 + 1, encoder_trains=encoder_trains)
+
+
+def peak_flops(configured_tflops: float) -> float | None:
+    """Peak FLOP/s per process: the configured value, else a known GPU's bf16 dense peak."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class MetricsLog:
+    """Rank-0 sink: metrics.jsonl (one object per step), TensorBoard scalars, a tqdm bar."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
+                 progress: bool = True, stage: str = ""):
+        self.enabled = enabled
+        self.total = total_steps
+        self.stage = stage
+        self.started = time.perf_counter()
+        self._jsonl = None
+        self._writer = None
+        self._bar = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(out_dir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=stage or "train", unit="step",
+                             dynamic_ncols=True, leave=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record, allow_nan=False, default=_finite) + "\n")
+        self._jsonl.flush()
+        step = record["step"]
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(name, value, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "text_loss", "image_loss")
+                                   if isinstance(record.get(k), float)})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)

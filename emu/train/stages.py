@@ -1,0 +1,285 @@
+"""The training stages: one typed function each, with declared inputs and outputs (paths).
+
+    stage1(config, architecture, data, out)   pairs, captioning loss, encoder + projection + LM (Emu2 §2.2.2)
+    stage2(config, data, out)                 mixture, text CE + visual L2, encoder frozen (§2.2.2)
+    train_decoder(config, architecture, data, out)   UNet autoencoding of visual embeddings (§2.2.3)
+    instruct(config, data, out)               chat (answers only, 16x16 tokens) or gen (last image) (§2.3)
+
+Each reads the previous stage's exported model (`config.init`, a folder or s3:// URI) and writes:
+    out/model/ (or out/decoder/)   the consolidated export, Hugging Face-style
+    out/checkpoints/               resumable DeepSpeed checkpoints
+    out/metrics.jsonl, out/tensorboard/, out/summary.json, out/<stage>.config.yaml
+Re-running a stage on the same `out` resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emu.config import save_resolved
+from emu.data.sequence import SequenceBuilder, SequenceRules
+from emu.errors import ConfigError
+from emu.model.config import DecoderConfig, EmuConfig
+from emu.model.emu import EmuModel
+from emu.model.io import load_model, save_model
+from emu.model.vision import interpolate_positions, resize_position_embeddings
+from emu.train import engine as engine_mod
+from emu.train.config import DecoderTrainConfig, InstructConfig, RuntimeConfig, Stage1Config, Stage2Config
+from emu.train.data import build_mixture
+from emu.train.lm_step import LMStep, LMWeights
+from emu.train.metrics import flop_model, peak_flops
+from emu.train.schedule import multiplier, segmented_multiplier
+from emu.train.trainer import Trainer, TrainSummary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    out_dir: Path
+    export: Path            # the exported model (or decoder) folder
+    summary: dict[str, Any]
+
+
+# ---- shared setup ------------------------------------------------------------------------------
+
+def _start(stage: str, config: Any, out: Path) -> tuple[int, int]:
+    rank, world = engine_mod.init_distributed()
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_resolved(config, stage, out / f"{stage}.config.yaml")
+    torch.manual_seed(config.runtime.seed)  # model init (fresh parts) is the same on every rank
+    return rank, world
+
+
+def _freeze(model: EmuModel, trainable: list[str]) -> None:
+    for name in ("visual", "cformer", "project_up", "lm", "project_down"):
+        module = getattr(model, name)
+        if module is not None:
+            module.requires_grad_(name in trainable)
+    if "visual" not in trainable:
+        model.visual.eval()
+
+
+def _group(name: str, modules: list, lr: float) -> dict[str, Any]:
+    return {"name": name, "lr": lr, "params": [p for m in modules if m is not None for p in m.parameters()]}
+
+
+def _enable_checkpointing(model: EmuModel, runtime: RuntimeConfig) -> None:
+    if runtime.gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable()
+        model.visual.gradient_checkpointing = True
+
+
+def _export(engine: engine_mod.Engine, model: EmuModel, tokenizer, folder: Path, rank: int,
+            image_size: int | None = None) -> Path:
+    """Save the consolidated weights (gathered from ZeRO partitions); with `image_size`, the
+    positions are baked for that input resolution and the config says so."""
+    state = engine.consolidated_state_dict()
+    config = model.config
+    if image_size is not None and image_size != config.vision.image_size:
+        grid = image_size // config.vision.patch_size
+        state["visual.pos_embed"] = interpolate_positions(state["visual.pos_embed"], grid)
+        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
+    if rank == 0:
+        save_model(model, tokenizer, folder, state_dict=state, config=config)
+    engine_mod.barrier()
+    return folder
+
+
+def _finish(stage: str, out: Path, export: Path, summary: TrainSummary, rank: int, extra: dict | None = None) -> StageResult:
+    record = {"stage": stage, "steps": summary.steps, "resumed_from": summary.resumed_from,
+              "seconds": round(summary.seconds, 2), "final": summary.final, "export": str(export), **(extra or {})}
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        log.info("%s done: %s", stage, {k: v for k, v in summary.final.items()
+                                         if k in ("step", "loss", "text_loss", "image_loss")})
+    return StageResult(stage=stage, out_dir=out, export=export, summary=record)
+
+
+def _load_init(init: str, stage: str) -> tuple[EmuModel, Any]:
+    if not init:
+        raise ConfigError(f"{stage}.init must name the previous stage's model (a folder or s3:// URI)")
+    return load_model(init)
+
+
+def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, rank, world, weights=None,
+             video_frames=None, encoder_trains=False) -> LMStep:
+    return LMStep(engine=engine, model=model, builder=SequenceBuilder(tokenizer, rules), max_len=sequence.max_len,
+                  packing=sequence.packing, micro_rows=runtime.micro_batch_size, pad_id=tokenizer.pad_token_id,
+                  seed=runtime.seed, rank=rank, world=world, weights=weights, video_frames=video_frames,
+                  flops=flop_model(model, encoder_trains))
+
+
+def _set_input_resolution(model: EmuModel, image_size: int) -> None:
+    """Use `image_size` inputs: positions are interpolated (emu.model.vision), then baked in."""
+    if model.config.vision.image_size != image_size:
+        resize_position_embeddings(model.visual, image_size)
+        model.config = dataclasses.replace(model.config, vision=model.visual.config)
+
+
+# ---- stage 1 -----------------------------------------------------------------------------------
+
+def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out: Path) -> StageResult:
+    """Pretraining on image/video-text pairs with the captioning loss only (Emu2 §2.2.2)."""
+    out = Path(out)
+    rank, world = _start("stage1", config, out)
+    if config.init:
+        model, tokenizer = load_model(config.init)
+    else:
+        tokenizer = _tokenizer_for(config, data)
+        model = EmuModel.build(architecture, tokenizer)
+    _set_input_resolution(model, config.image_size)
+    _freeze(model, config.trainable)
+    _enable_checkpointing(model, config.runtime)
+    groups = [_group("encoder", [model.visual, model.cformer], config.lr_encoder),
+              _group("projection", [model.project_up, model.project_down], config.lr_projection),
+              _group("lm", [model.lm], config.lr_lm)]
+    boundaries = [step for step, _ in config.resolution_schedule] if config.restart_schedule_on_resize else []
+    engine = engine_mod.Engine(model, groups, config.runtime, config.optimizer,
+                               lambda s: segmented_multiplier(s, boundaries, config.steps, config.schedule))
+    rules = SequenceRules(mode="caption", image_tokens=model.config.tokens_per_image(),
+                          frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
+                          max_len=config.sequence.max_len, too_long=config.sequence.too_long)
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
+                       video_frames=config.video_frames, encoder_trains="visual" in config.trainable)
+    sizes = {step: size for step, size in config.resolution_schedule}
+
+    def resolution_at(step: int) -> None:
+        current = config.image_size
+        for boundary, size in sorted(sizes.items()):
+            if step >= boundary:
+                current = size
+        # The positions interpolate on the fly; only the preprocessing size changes here.
+        model.visual.config = dataclasses.replace(model.visual.config, image_size=current)
+
+    summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
+                      step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
+                      world=world, stage="stage1", peak_flops=peak_flops(config.runtime.peak_tflops),
+                      on_step_start=resolution_at).run()
+    final_size = sizes[max(sizes)] if sizes else config.image_size
+    export = _export(engine, model, tokenizer, out / "model", rank, image_size=final_size)
+    return _finish("stage1", out, export, summary, rank)
+
+
+def _tokenizer_for(config: Stage1Config, data: list[Path]):
+    """The tokenizer of a model built from scratch: a given folder, or a BPE trained on the data."""
+    from emu.data.shards import iter_samples
+    from emu.data.tokenizer import load_tokenizer, train_tokenizer
+    from emu.model.io import local_folder
+    from emu.train.data import discover
+
+    if config.tokenizer:
+        return load_tokenizer(local_folder(config.tokenizer))
+    datasets = sorted({ref.path for refs in discover(data).values() for ref in refs})
+    texts = (text for folder in datasets for sample in iter_samples(folder) for text in sample.texts())
+    return train_tokenizer(texts, vocab_size=config.tokenizer_vocab)
+
+
+# ---- stage 2 and instruction tuning -------------------------------------------------------------
+
+def stage2(config: Stage2Config, data: list[Path], out: Path) -> StageResult:
+    """Pretraining on the mixture with text CE + visual regression; encoder frozen (Emu2 §2.2.2)."""
+    out = Path(out)
+    rank, world = _start("stage2", config, out)
+    model, tokenizer = _load_init(config.init, "stage2")
+    _set_input_resolution(model, config.image_size)
+    _freeze(model, config.trainable)
+    _enable_checkpointing(model, config.runtime)
+    engine = engine_mod.Engine(model, [_group("trainable", [model.project_up, model.lm, model.project_down], config.lr)],
+                               config.runtime, config.optimizer, lambda s: multiplier(s, config.steps, config.schedule))
+    rules = SequenceRules(mode="pretrain", image_tokens=model.config.tokens_per_image(),
+                          frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
+                          max_len=config.sequence.max_len, image_text_order_p=config.image_text_order_p,
+                          too_long=config.sequence.too_long)
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
+                       weights=LMWeights(config.text_loss_weight, config.image_loss_weight))
+    step_fn.embeddings = _embedding_lookup(config.precomputed, model)
+    summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
+                      step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
+                      world=world, stage="stage2", peak_flops=peak_flops(config.runtime.peak_tflops)).run()
+    export = _export(engine, model, tokenizer, out / "model", rank)
+    return _finish("stage2", out, export, summary, rank)
+
+
+def instruct(config: InstructConfig, data: list[Path], out: Path) -> StageResult:
+    """Instruction tuning (Emu2 §2.3): chat (16x16 tokens per image, loss on answers only) or gen
+    (regression on the last image only, entity dropping)."""
+    out = Path(out)
+    stage = "instruct" if config.mode == "chat" else "instruct_gen"
+    rank, world = _start(stage, config, out)
+    model, tokenizer = _load_init(config.init, stage)
+    _set_input_resolution(model, config.image_size)
+    if config.mode == "chat":  # Emu2-Chat reads images at 16x16 = 256 tokens (§2.3.1)
+        model.config = dataclasses.replace(model.config, image_tokens_side=config.image_tokens_side,
+                                           video_tokens_side=config.video_tokens_side)
+    _freeze(model, config.trainable)
+    _enable_checkpointing(model, config.runtime)
+    engine = engine_mod.Engine(model, [_group("trainable", [model.project_up, model.lm, model.project_down], config.lr)],
+                               config.runtime, config.optimizer, lambda s: multiplier(s, config.steps, config.schedule))
+    rules = SequenceRules(mode=config.mode, image_tokens=model.config.tokens_per_image(),
+                          frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
+                          max_len=config.sequence.max_len, system_messages=dict(config.system_messages),
+                          entity_drop_p=config.entity_drop_p, too_long=config.sequence.too_long)
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world)
+    step_fn.embeddings = _embedding_lookup(config.precomputed, model)
+    summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
+                      step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
+                      world=world, stage=stage, peak_flops=peak_flops(config.runtime.peak_tflops)).run()
+    export = _export(engine, model, tokenizer, out / "model", rank)
+    return _finish(stage, out, export, summary, rank)
+
+
+def _embedding_lookup(precomputed: str, model: EmuModel):
+    """Precomputed visual embeddings (emu precompute) instead of encoding online; None = online."""
+    if not precomputed:
+        return None
+    from emu.precompute.store import embedding_lookup
+
+    return embedding_lookup(precomputed, model)
+
+
+# ---- visual decoder ----------------------------------------------------------------------------
+
+def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data: list[Path], out: Path) -> StageResult:
+    """The diffusion decoder trained as an autoencoder of visual embeddings (Emu2 §2.2.3): the
+    frozen encoder of `config.encoder` gives the conditions, the frozen VAE the latents."""
+    from emu.model.decoder import VisualDecoder
+    from emu.train.decoder_step import DecoderStep
+
+    out = Path(out)
+    if config.runtime.zero_stage == 3:
+        raise ConfigError("decoder.runtime.zero_stage 3 is not supported (the export reads full UNet weights); use 2")
+    rank, world = _start("decoder", config, out)
+    encoder, _ = _load_init(config.encoder, "decoder")
+    _set_input_resolution(encoder, config.image_size)
+    encoder.requires_grad_(False).eval()
+    decoder = VisualDecoder.from_pretrained(config.init) if config.init else VisualDecoder.from_config(architecture)
+    if decoder.config.visual_dim != encoder.config.visual_dim:
+        raise ConfigError(f"the decoder reads {decoder.config.visual_dim}-wide embeddings but the encoder of "
+                         f"{config.encoder} makes {encoder.config.visual_dim}-wide ones (visual_decoder.visual_dim)")
+    if decoder.config.image_size != config.output_size:
+        raise ConfigError(f"decoder.output_size {config.output_size} differs from the decoder's "
+                         f"{decoder.config.image_size} px (visual_decoder.sample_size x VAE factor)")
+    engine = engine_mod.Engine(decoder, [{"name": "unet", "lr": config.lr, "params": list(decoder.unet.parameters())}],
+                               config.runtime, config.optimizer, lambda s: multiplier(s, config.steps, config.schedule))
+    step_fn = DecoderStep(engine=engine, decoder=decoder, encoder=encoder, config=config, rank=rank, world=world)
+    summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
+                      step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
+                      world=world, stage="decoder", peak_flops=peak_flops(config.runtime.peak_tflops)).run()
+    state = engine.consolidated_state_dict()
+    export = out / "decoder"
+    if rank == 0:
+        decoder.load_state_dict(state)
+        decoder.save_pretrained(export)
+    engine_mod.barrier()
+    return _finish("decoder", out, export, summary, rank)
+
