@@ -114,7 +114,9 @@ class LMStep:
     def _inputs(self, batch: Batch) -> dict:
         device = self.engine.device
         inputs = {"input_ids": batch.input_ids.to(device), "text_targets": batch.targets.to(device),
-                  "attention_mask": batch.attention_mask.to(device), "position_ids": batch.position_ids.to(device),
+                  "attention_mask": batch.attention_mask_for(self.model.config.lm.attn_implementation,
+                                                             self.model.project_up.weight.dtype).to(device),
+                  "position_ids": batch.position_ids.to(device),
                   "image_regress": batch.image_regress.to(device), "frame_regress": batch.frame_regress.to(device)}
         for kind, slots in (("image", batch.image_slots), ("frame", batch.frame_slots)):
             if not slots:
