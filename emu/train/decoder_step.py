@@ -84,7 +84,7 @@ class DecoderStep:
                                      noise_offset=self.config.noise_offset, generator=generator)
             n = latents[part].shape[0]
             self.engine.backward(out.loss * (n * self.world / total))
-            loss_sum += float(out.loss) * n
+            loss_sum += float(out.loss.detach()) * n
             dropped += out.num_dropped
         loss_total, dropped_total = all_reduce_sum([loss_sum, dropped])
         return StepResult(losses={"loss": loss_total / total}, samples=len(samples),

@@ -87,10 +87,10 @@ class LMStep:
             loss = out.loss.new_zeros(())
             if out.text_targets:
                 loss = loss + self.weights.text * out.text_loss * (out.text_targets * self.world / n_text)
-                text_sum += float(out.text_loss) * out.text_targets
+                text_sum += float(out.text_loss.detach()) * out.text_targets
             if out.image_targets:
                 loss = loss + self.weights.image * out.image_loss * (out.image_targets * self.world / n_image)
-                image_sum += float(out.image_loss) * out.image_targets
+                image_sum += float(out.image_loss.detach()) * out.image_targets
             self.engine.backward(loss)
         text_total, image_total = all_reduce_sum([text_sum, image_sum])
         text_loss = text_total / n_text if n_text else 0.0
