@@ -104,7 +104,8 @@ class LMStep:
             flops = self.flops.step_flops(tokens, lengths, local_text, images)
         return StepResult(losses=losses, samples=len(samples), tokens=tokens,
                           padding=sum(b.padding_tokens for b in batches), flops=flops,
-                          extra={"text_targets": n_text, "image_targets": n_image})
+                          extra={"text_targets": n_text, "image_targets": n_image,
+                                 "skipped_too_long": self.builder.skipped["too_long"]})
 
     def _regressed(self, batch: Batch) -> int:
         side_image = self.model.config.tokens_per_image(self.model.config.image_tokens_side)

@@ -35,6 +35,7 @@ from emu.train.config import DecoderTrainConfig, InstructConfig, RuntimeConfig, 
 from emu.train.data import build_mixture
 from emu.train.lm_step import LMStep, LMWeights
 from emu.train.metrics import flop_model, peak_flops
+from emu.train.preflight import check_visual_budget
 from emu.train.schedule import multiplier, segmented_multiplier
 from emu.train.trainer import Trainer, TrainSummary
 
@@ -119,6 +120,12 @@ def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, 
                   flops=flop_model(model, encoder_trains))
 
 
+def _preflight(stage: str, config, data: list[Path], rules: SequenceRules) -> None:
+    """Fail before the first step if samples cannot fit a row (emu.train.preflight)."""
+    check_visual_budget(stage, data, config.batch_sizes, rules.max_len, rules.image_tokens, rules.frame_tokens,
+                        rules.too_long, max_frames=getattr(config, "video_frames", None))
+
+
 def _set_input_resolution(model: EmuModel, image_size: int) -> None:
     """Use `image_size` inputs: positions are interpolated (emu.model.vision), then baked in."""
     if model.config.vision.image_size != image_size:
@@ -149,6 +156,7 @@ def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out:
     rules = SequenceRules(mode="caption", image_tokens=model.config.tokens_per_image(),
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
                           max_len=config.sequence.max_len, too_long=config.sequence.too_long)
+    _preflight("stage1", config, data, rules)
     step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
                        video_frames=config.video_frames, encoder_trains="visual" in config.trainable)
     sizes = {step: size for step, size in config.resolution_schedule}
@@ -200,6 +208,7 @@ def stage2(config: Stage2Config, data: list[Path], out: Path) -> StageResult:
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
                           max_len=config.sequence.max_len, image_text_order_p=config.image_text_order_p,
                           too_long=config.sequence.too_long)
+    _preflight("stage2", config, data, rules)
     step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
                        weights=LMWeights(config.text_loss_weight, config.image_loss_weight))
     step_fn.embeddings = _embedding_lookup(config.precomputed, model)
@@ -229,6 +238,7 @@ def instruct(config: InstructConfig, data: list[Path], out: Path) -> StageResult
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
                           max_len=config.sequence.max_len, system_messages=dict(config.system_messages),
                           entity_drop_p=config.entity_drop_p, too_long=config.sequence.too_long)
+    _preflight(stage, config, data, rules)
     step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world)
     step_fn.embeddings = _embedding_lookup(config.precomputed, model)
     summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
