@@ -36,6 +36,8 @@ SOURCES: tuple[tuple[str, str, str, Callable[[Path, SynthConfig], int]], ...] = 
     ("text", "text", "texts", doc_writers.write_text),
     ("vqav2", "vqav2", "vqa_images", doc_writers.write_vqav2),
     ("coco", "coco", "caption_images", doc_writers.write_coco),
+    ("vqav2-train", "vqav2", "vqa_train_images", doc_writers.write_vqav2_train),
+    ("coco-train", "coco", "caption_train_images", doc_writers.write_coco_train),
 )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 from emu.errors import ConfigError
 
-#: Named sizes for `--size`: multipliers of the default counts (about 1,900 samples at 1.0).
+#: Named sizes for `--size`: multipliers of the default counts (about 3,000 samples at 1.0).
 SIZE_NAMES = {"tiny": 0.125, "small": 0.5, "default": 1.0, "large": 100.0}
 
 
@@ -34,6 +34,8 @@ class SynthConfig:
     texts: int = 256            # plain-text jsonl paragraphs
     vqa_images: int = 64        # VQAv2 evaluation images (up to 4 questions each)
     caption_images: int = 64    # COCO captions evaluation images
+    vqa_train_images: int = 256      # VQAv2-layout training split (academic instruction data)
+    caption_train_images: int = 128  # COCO-layout training split (academic instruction data)
     captions_per_image: int = 5
     records_per_file: int = 1000  # records per tar / jsonl file in the sharded public formats
 

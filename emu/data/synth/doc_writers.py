@@ -27,9 +27,12 @@ from emu.data.synth.config import SynthConfig, sample_rng
 MMC4_SIM_THRESHOLD = 0.24
 #: The evaluation splits are written as COCO's 2014 validation split.
 EVAL_SPLIT = "val2014"
+TRAIN_SPLIT = "train2014"
 #: Image ids of the two evaluation sets lie apart: the same id means the same picture in real COCO.
 VQA_IMAGE_IDS = 100_000
 COCO_IMAGE_IDS = 200_000
+VQA_TRAIN_IMAGE_IDS = 300_000
+COCO_TRAIN_IMAGE_IDS = 400_000
 CAPTION_FRAMES = ("a picture of {}.", "an image showing {}.", "there is {}.", "a drawing with {}.",
                   "{} on a grey background.", "a simple graphic: {}.", "shapes: {}.", "we can see {}.")
 
@@ -149,19 +152,31 @@ def write_text(out: Path, config: SynthConfig) -> int:
 
 
 def write_vqav2(out: Path, config: SynthConfig) -> int:
-    """The VQAv2 questions and annotations files of subtype val2014 and `val2014/COCO_val2014_{id:012d}.jpg`.
+    """The evaluation split (val2014), from scenes no training source uses."""
+    return _write_vqav2(out, config, EVAL_SPLIT, "eval-vqav2", config.count("vqa_images"), VQA_IMAGE_IDS)
+
+
+def write_vqav2_train(out: Path, config: SynthConfig) -> int:
+    """A training split (train2014) for instruction tuning's academic data (Emu2-Chat trains on
+    VQAv2's train split, §2.3.1), from its own random stream."""
+    return _write_vqav2(out, config, TRAIN_SPLIT, "vqav2-train", config.count("vqa_train_images"),
+                        VQA_TRAIN_IMAGE_IDS)
+
+
+def _write_vqav2(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int) -> int:
+    """The VQAv2 questions and annotations files of one subtype and `{split}/COCO_{split}_{id:012d}.jpg`.
 
     Up to four questions per image (world.questions), question_id = image_id * 1000 + k as in
     the real files, ten annotator answers each with answer_id 1..10; multiple_choice_answer is
     the most frequent answer, as VQAv2 defines it."""
-    images_dir = out / EVAL_SPLIT
+    images_dir = out / split
     images_dir.mkdir(parents=True, exist_ok=True)
     questions, annotations = [], []
-    for i in range(config.count("vqa_images")):
-        rng = sample_rng(config, "eval-vqav2", i)
-        image_id = VQA_IMAGE_IDS + i
+    for i in range(count):
+        rng = sample_rng(config, stream, i)
+        image_id = id_base + i
         scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes)
-        (images_dir / _coco_file_name(image_id)).write_bytes(world.encode(world.render(scene), "jpg"))
+        (images_dir / _coco_file_name(image_id, split)).write_bytes(world.encode(world.render(scene), "jpg"))
         for k, question in enumerate(world.questions(scene, rng)):
             question_id = image_id * 1000 + k
             questions.append({"image_id": image_id, "question": _capitalize(question.question),
@@ -172,11 +187,11 @@ def write_vqav2(out: Path, config: SynthConfig) -> int:
             "contributor": "emu synth", "url": "https://shapes.example/vqa", "date_created": "2017-04-26 17:00:00"}
     license_ = {"url": "http://creativecommons.org/licenses/by/4.0/",
                 "name": "Creative Commons Attribution 4.0 License"}
-    _write_json(out / f"v2_OpenEnded_mscoco_{EVAL_SPLIT}_questions.json",
-                {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": EVAL_SPLIT,
+    _write_json(out / f"v2_OpenEnded_mscoco_{split}_questions.json",
+                {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split,
                  "questions": questions, "license": license_})
-    _write_json(out / f"v2_mscoco_{EVAL_SPLIT}_annotations.json",
-                {"info": info, "license": license_, "data_type": "mscoco", "data_subtype": EVAL_SPLIT,
+    _write_json(out / f"v2_mscoco_{split}_annotations.json",
+                {"info": info, "license": license_, "data_type": "mscoco", "data_subtype": split,
                  "annotations": annotations})
     return len(questions)
 
@@ -193,33 +208,44 @@ def _vqa_annotation(question: world.Question, answers: list[str], rng: random.Ra
 
 
 def write_coco(out: Path, config: SynthConfig) -> int:
-    """`annotations/captions_val2014.json` and `val2014/COCO_val2014_{id:012d}.jpg`.
+    """The evaluation split (val2014), from scenes no training source uses."""
+    return _write_coco(out, config, EVAL_SPLIT, "eval-coco", config.count("caption_images"), COCO_IMAGE_IDS)
+
+
+def write_coco_train(out: Path, config: SynthConfig) -> int:
+    """A training split (train2014) for instruction tuning's academic captioning data."""
+    return _write_coco(out, config, TRAIN_SPLIT, "coco-train", config.count("caption_train_images"),
+                       COCO_TRAIN_IMAGE_IDS)
+
+
+def _write_coco(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int) -> int:
+    """`annotations/captions_{split}.json` and `{split}/COCO_{split}_{id:012d}.jpg`.
 
     captions_per_image captions per image: the exact caption, then paraphrases of it. Caption ids
     count up in writing order, but the annotations list is shuffled, as COCO's is not grouped by
     image: the importer must group by image_id and keep annotation order."""
-    images_dir = out / EVAL_SPLIT
+    images_dir = out / split
     images_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in range(config.count("caption_images")):
-        rng = sample_rng(config, "eval-coco", i)
-        image_id = COCO_IMAGE_IDS + i
+    for i in range(count):
+        rng = sample_rng(config, stream, i)
+        image_id = id_base + i
         scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes)
-        file_name = _coco_file_name(image_id)
+        file_name = _coco_file_name(image_id, split)
         (images_dir / file_name).write_bytes(world.encode(world.render(scene), "jpg"))
         images.append({"license": 1, "file_name": file_name,
-                       "coco_url": f"https://shapes.example/{EVAL_SPLIT}/{file_name}",
+                       "coco_url": f"https://shapes.example/{split}/{file_name}",
                        "height": scene.size, "width": scene.size, "date_captured": "2013-11-14 11:18:45",
                        "flickr_url": f"https://shapes.example/flickr/{image_id}.jpg", "id": image_id})
         for text in _captions(scene, rng, config.captions_per_image):
             annotations.append({"image_id": image_id, "id": len(annotations) + 1, "caption": text})
-    sample_rng(config, "eval-coco-order", 0).shuffle(annotations)
+    sample_rng(config, f"{stream}-order", 0).shuffle(annotations)
     info = {"description": "Shapes world captions (COCO layout)", "url": "https://shapes.example/coco",
             "version": "1.0", "year": 2014, "contributor": "emu synth", "date_created": "2017/09/01"}
     licenses = [{"url": "http://creativecommons.org/licenses/by/4.0/", "id": 1,
                  "name": "Creative Commons Attribution 4.0 License"}]
     (out / "annotations").mkdir(exist_ok=True)
-    _write_json(out / "annotations" / f"captions_{EVAL_SPLIT}.json",
+    _write_json(out / "annotations" / f"captions_{split}.json",
                 {"info": info, "images": images, "licenses": licenses, "annotations": annotations})
     return len(images)
 
@@ -240,9 +266,9 @@ def _conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
-def _coco_file_name(image_id: int) -> str:
+def _coco_file_name(image_id: int, split: str) -> str:
     # The official VQA API demo: 'COCO_' + dataSubType + '_' + str(imgId).zfill(12) + '.jpg'.
-    return f"COCO_{EVAL_SPLIT}_{image_id:012d}.jpg"
+    return f"COCO_{split}_{image_id:012d}.jpg"
 
 
 def _capitalize(text: str) -> str:
