@@ -99,6 +99,12 @@ class EmuModel(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         self.project_up = nn.Linear(config.visual_dim, hidden, bias=False)    # EVA space -> LM
         self.project_down = nn.Linear(hidden, config.visual_dim, bias=False)  # LM -> EVA space (regression)
+        # New layers start like the LM's own linear layers (normal, std = initializer_range, 0.02
+        # for LLaMA), not PyTorch's fan-in default: visual inputs then enter at a scale the LM's
+        # pretrained (or freshly initialised) layers are used to.
+        std = getattr(lm.config, "initializer_range", 0.02)
+        for layer in (self.project_up, self.project_down):
+            nn.init.normal_(layer.weight, std=std)
 
     @classmethod
     def build(cls, config: EmuConfig, tokenizer) -> EmuModel:

@@ -105,7 +105,7 @@ def test_stage2_trains_both_losses_and_keeps_the_encoder_bitwise(stage1_out, sta
 def test_instruct_chat_and_gen_train(world, stage2_out, tmp_path):
     chat = tmp_path / "chat"
     result = instruct(tiny(InstructConfig, "instruct", "steps=12", f"init={stage2_out / 'model'}"),
-                      dirs(world, ("llava-chat",)), chat)
+                      dirs(world, ("llava-chat", "vqav2-train", "coco-train")), chat)
     assert falls(losses(chat, "text_loss"), 0.9) and all(v == 0 for v in losses(chat, "image_loss"))
     model, _ = load_model(result.export)
     assert model.config.image_tokens_side == 4, "chat tuning reads images at the instruct pooling"

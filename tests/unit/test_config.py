@@ -156,7 +156,7 @@ def test_tiny_preset_model_and_decoder_build():
     decoder_cfg = resolve(SECTIONS["visual_decoder"](), "visual_decoder", "tiny")
     assert decoder_cfg.visual_dim == model_cfg.visual_dim, "the decoder reads the LM's visual embeddings"
     model = EmuModel.build(model_cfg, train_tokenizer(["a red circle"] * 5, 300))
-    assert model.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64)
+    assert model.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 64)
     decoder = VisualDecoder.from_config(decoder_cfg)
     assert decoder_cfg.image_size == 64 and decoder.unet.config.cross_attention_dim == 64
 
