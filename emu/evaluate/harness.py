@@ -451,23 +451,31 @@ class _Clip:
     """A local Hugging Face CLIP model: image and text embeddings for CLIP-T / CLIP-I."""
 
     def __init__(self, path: str):
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         from emu.model.io import local_folder
 
-        folder = local_folder(path)
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+        folder = str(local_folder(path))
+        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        self.image_processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=images, return_tensors="pt")
-        return self.model.get_image_features(**inputs)
+        inputs = self.image_processor(images=images, return_tensors="pt")
+        return _features(self.model.get_image_features(**inputs))
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
-        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-        return self.model.get_text_features(**inputs)
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                max_length=self.model.config.text_config.max_position_embeddings)
+        return _features(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                      attention_mask=inputs["attention_mask"]))
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 # ---- benchmark files and chance ----------------------------------------------------------------
