@@ -24,9 +24,14 @@ data_app = typer.Typer(help="Synthetic data and import of public formats into sh
 config_app = typer.Typer(help="Inspect presets and settings.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages on DeepSpeed (single process, or under the deepspeed launcher / torchrun).",
                         no_args_is_help=True)
+evaluate_app = typer.Typer(
+    help="Evaluation: score prediction files (`emu evaluate score`), or run the benchmark harness "
+         "on a model (`emu evaluate --model M --bench B --out D`).",
+    invoke_without_command=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
 
 DataOption = Annotated[list[Path], typer.Option("--data", help="Shard dataset folder(s); repeat for several.")]
 OutOption = Annotated[Path, typer.Option(help="Output folder (re-running on it resumes from its last checkpoint).")]
@@ -142,6 +147,31 @@ def validate(
     raise typer.Exit(0 if result.passed else 1)
 
 
+@app.command("precompute")
+def precompute(
+    data: DataOption,
+    model: Annotated[str, typer.Option(help="Model folder or s3:// URI whose frozen encoder encodes the images "
+                                            "(the stage-1 export).")],
+    out: Annotated[Path, typer.Option(help="Output folder; re-running on it computes only missing or stale parts.")],
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="Ray cluster to run on (sets precompute.ray_address); default: a local Ray.")] = None,
+    preset: PresetOption = None,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Precompute pooled visual embeddings (and optionally VAE latents) of every image with Ray Data.
+
+    Writes OUT/<dataset>/<shard>.safetensors + .index.json per input shard and OUT/precompute.json;
+    training reads them with stage2.precomputed / instruct.precomputed = OUT.
+    """
+    from emu.config import resolve
+    from emu.precompute.config import PrecomputeConfig
+    from emu.precompute.job import run_precompute
+
+    extra = [f"ray_address={ray_address}"] if ray_address else []
+    config = resolve(PrecomputeConfig, "precompute", preset, extra + list(overrides or []))
+    typer.echo(run_precompute(data, model, out, config).describe())
+
+
 def _train(stage: str, section: str, preset: str | None, overrides: list[str], run) -> None:
     """Resolve the stage config, join the process group, run, report; exit 143 after SIGTERM."""
     from emu.config import resolve
@@ -234,6 +264,127 @@ def config_show(
         raise EmuError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}")
     config = resolve(SECTIONS[section](), section, preset, list(overrides or []))
     typer.echo(yaml.safe_dump({section: to_dict(config)}, sort_keys=False).rstrip())
+
+
+#: Benchmarks `emu evaluate score` reads, with the files each needs.
+SCORE_BENCHES = {"vqav2": "--questions, --annotations, --predictions",
+                 "coco-captions": "--annotations, --predictions"}
+
+
+@evaluate_app.callback()
+def evaluate(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option(help="Model folder or s3:// URI to evaluate (benchmark harness).")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Visual decoder folder, for the image benchmarks.")] = None,
+    bench: Annotated[Optional[list[str]], typer.Option(
+        "--bench", help="Benchmark to run on the model (vqav2, coco-captions, autoencode, t2i); repeat for several.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Folder holding the benchmark datasets (sets evaluate.data_root).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder of the harness run.")] = None,
+    preset: PresetOption = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Harness setting override key=value; repeat for several.")] = None,
+) -> None:
+    """Score prediction files with exact metrics, or evaluate a model on benchmarks.
+
+    `emu evaluate score ...` scores existing prediction files (no model). The bare form
+    `emu evaluate --model M --bench B --out D` runs the benchmark harness, which generates the
+    predictions with the model and scores them with the same functions; it exits 1 when a gate
+    (evaluate.baseline) fails.
+    """
+    harness_options = (model, decoder, bench, data, out, preset, set_)
+    if ctx.invoked_subcommand is not None:
+        if any(v for v in harness_options):
+            raise EmuError(f"--model/--bench/--out/--preset/--set before `{ctx.invoked_subcommand}` belong to "
+                           f"the harness form; give the subcommand's own options after its name")
+        return
+    if not any(v for v in harness_options):
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    missing = [name for name, value in (("--model", model), ("--out", out)) if not value]
+    if missing:
+        raise EmuError(f"the harness form needs {', '.join(missing)} (emu evaluate --model M --bench B --out D)")
+    from emu.evaluate.harness import run_from_cli
+
+    raise typer.Exit(run_from_cli(model=model, benches=list(bench or []), out=out, preset=preset,
+                                  overrides=list(set_ or []), decoder=decoder, data=data))
+
+
+@evaluate_app.command("score")
+def evaluate_score(
+    bench: Annotated[str, typer.Option("--bench", help="vqav2 (VQAv2 results format) or coco-captions (COCO results format).")],
+    predictions: Annotated[Path, typer.Option(help="Predictions: [{question_id, answer}] (vqav2) or [{image_id, caption}] (coco-captions).")],
+    annotations: Annotated[Path, typer.Option(help="Annotations: VQAv2 annotations file, or COCO captions_*.json.")],
+    questions: Annotated[Optional[Path], typer.Option(help="VQAv2 questions file (vqav2 only).")] = None,
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write.")] = Path("metrics.json"),
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (otherwise an existing file is an error).")] = False,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="Score only the predicted items when some annotated ones have no prediction (the count is reported).")] = False,
+    tokenizer: Annotated[str, typer.Option(
+        help="coco-captions: python (built-in PTBTokenizer port) or java (pycocoevalcap's Stanford tokenizer).")] = "python",
+) -> None:
+    """Score a prediction file with the exact official metric and write the metrics JSON.
+
+    vqav2: official VQA accuracy (vqaEval.py normalisation), overall / per answer type / per
+    question type. coco-captions: CIDEr-D as pycocoevalcap computes it. Every annotated item needs
+    a prediction unless --allow-missing; the number scored is always printed. Exit 2 on unusable
+    input (missing, duplicate or unknown ids, unreadable files).
+    """
+    import hashlib
+
+    from emu.evaluate.report import kfp_metrics, write_metrics_json
+
+    if bench not in SCORE_BENCHES:
+        raise EmuError(f"unknown --bench {bench!r}; score supports: "
+                       + "; ".join(f"{name} ({needs})" for name, needs in SCORE_BENCHES.items()))
+    if out.exists() and not force:
+        raise EmuError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    files = {"predictions": predictions, "annotations": annotations}
+    if bench == "vqav2":
+        if questions is None:
+            raise EmuError("--bench vqav2 needs --questions (the VQAv2 questions file)")
+        files["questions"] = questions
+        from emu.evaluate.vqa import score_vqa
+        result = score_vqa(questions, annotations, predictions, allow_missing=allow_missing)
+        lines = _describe_vqa(result)
+    else:
+        if questions is not None:
+            raise EmuError("--questions is only for --bench vqav2")
+        from emu.evaluate.cider import score_captions
+        if tokenizer not in ("python", "java"):
+            raise EmuError(f"--tokenizer must be python or java, got {tokenizer!r}")
+        result = score_captions(annotations, predictions, allow_missing=allow_missing, tokenizer=tokenizer)
+        lines = _describe_captions(result)
+    inputs = {name: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+              for name, path in files.items()}
+    replacing = out.exists()
+    prefix = bench.replace("-", "_")
+    write_metrics_json(out, result, prefix=prefix, inputs=inputs, overwrite=force)
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"{'replaced' if replacing else 'wrote'} {out} ({len(kfp_metrics(result, prefix))} metrics)")
+
+
+def _describe_vqa(result: dict) -> list[str]:
+    lines = [f"vqav2: {result['overall']:.2f} VQA accuracy over {result['n_questions']} questions "
+             f"(official vqaEval.py; unrounded {result['overall_unrounded']:.4f})"]
+    if result["n_missing"]:
+        lines.append(f"  NOT scored: {result['n_missing']} of {result['n_annotated']} annotated questions "
+                     f"have no prediction (--allow-missing)")
+    lines.append(f"  {'answer type':<28}{'acc':>8}{'n':>9}")
+    for name, acc in result["per_answer_type"].items():
+        lines.append(f"  {name:<28}{acc:>8.2f}{result['per_answer_type_count'][name]:>9}")
+    lines.append(f"  {'question type':<28}{'acc':>8}{'n':>9}")
+    for name, acc in sorted(result["per_question_type"].items()):
+        lines.append(f"  {name:<28}{acc:>8.2f}{result['per_question_type_count'][name]:>9}")
+    return lines
+
+
+def _describe_captions(result: dict) -> list[str]:
+    lines = [f"coco-captions: CIDEr-D {result['cider']:.4f} (x100: {result['cider_x100']:.2f}) over "
+             f"{result['n_images']} images, {result['n_references']} reference captions; tokenizer: {result['tokenizer']}"]
+    if result["n_missing"]:
+        lines.append(f"  NOT scored: {result['n_missing']} annotated images have no prediction (--allow-missing)")
+    return lines
 
 
 #: No network at run time, no telemetry (../shared/ENVIRONMENT.md). Set by the entry point only.

@@ -34,6 +34,16 @@ def _visual_decoder() -> type:
     return DecoderConfig
 
 
+def _precompute() -> type:
+    from emu.precompute.config import PrecomputeConfig
+    return PrecomputeConfig
+
+
+def _evaluate() -> type:
+    from emu.evaluate.harness import EvaluateConfig
+    return EvaluateConfig
+
+
 def _train(name: str) -> Callable[[], type]:
     def load() -> type:
         from emu.train import config
@@ -47,9 +57,11 @@ SECTIONS: dict[str, Callable[[], type]] = {
     "validate": _validate,
     "model": _model,                  # the multimodal LM architecture (EmuConfig)
     "visual_decoder": _visual_decoder,  # the diffusion decoder architecture (DecoderConfig)
+    "precompute": _precompute,        # frozen-encoder embeddings and VAE latents (Ray Data)
     "stage1": _train("Stage1Config"),
     "stage2": _train("Stage2Config"),
     "decoder": _train("DecoderTrainConfig"),
     "instruct": _train("InstructConfig"),      # Emu2-Chat (mode: chat)
     "instruct_gen": _train("InstructConfig"),  # Emu2-Gen (mode: gen)
+    "evaluate": _evaluate,
 }

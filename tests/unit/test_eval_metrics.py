@@ -507,11 +507,9 @@ def test_cli_score_coco_captions(tmp_path):
 
 
 def test_cli_evaluate_harness_form(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("emu.evaluate.harness") is None:  # until the harness lands
-        proc = run_emu("evaluate", "--model", "m", "--bench", "vqav2", "--out", tmp_path / "o", cwd=tmp_path)
-        assert proc.returncode == 2 and "benchmark harness" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_emu("evaluate", "--model", "m", cwd=tmp_path)
-    assert proc.returncode == 2 and "needs --bench, --out" in proc.stderr
+    assert proc.returncode == 2 and "needs --out" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_emu("evaluate", "--model", str(tmp_path / "missing"), "--bench", "vqav2", "--out", tmp_path / "o",
+                   "--data", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert run_emu("evaluate", cwd=tmp_path).stdout.count("score") >= 1
