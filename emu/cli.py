@@ -16,6 +16,9 @@ from typing import Annotated, Optional
 import typer
 
 from emu.errors import EmuError
+from emu.artifacts.cli import artifacts_app
+from emu.lineage.cli import lineage_app
+from emu.pipeline.cli import register as register_pipeline_commands
 
 app = typer.Typer(help="Emu training platform.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
@@ -32,6 +35,9 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(lineage_app, name="lineage")
+register_pipeline_commands(app)
+app.add_typer(artifacts_app, name="artifacts")
 
 DataOption = Annotated[list[Path], typer.Option("--data", help="Shard dataset folder(s); repeat for several.")]
 OutOption = Annotated[Path, typer.Option(help="Output folder (re-running on it resumes from its last checkpoint).")]

@@ -44,6 +44,11 @@ def _evaluate() -> type:
     return EvaluateConfig
 
 
+def _pipeline() -> type:
+    from emu.pipeline.config import PipelineConfig
+    return PipelineConfig
+
+
 def _train(name: str) -> Callable[[], type]:
     def load() -> type:
         from emu.train import config
@@ -64,4 +69,5 @@ SECTIONS: dict[str, Callable[[], type]] = {
     "instruct": _train("InstructConfig"),      # Emu2-Chat (mode: chat)
     "instruct_gen": _train("InstructConfig"),  # Emu2-Gen (mode: gen)
     "evaluate": _evaluate,
+    "pipeline": _pipeline,
 }

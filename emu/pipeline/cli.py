@@ -1,0 +1,160 @@
+"""`emu run`, `emu compile`, `emu schedule ...`, `emu scheduler`: the pipeline commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+OverridesArgument = Annotated[Optional[list[str]], typer.Argument(
+    help="Stage settings as section.key=value, e.g. stage2.steps=50 (sections: the preset's).", show_default=False)]
+
+schedule_app = typer.Typer(help="Scheduled pipeline runs: KFP recurring runs on a cluster, `emu scheduler` here.",
+                           no_args_is_help=True)
+
+
+def _chance_of(metric: str) -> str:
+    from emu.pipeline.tasks import _chance_of as chance_of
+
+    return chance_of(metric)
+
+
+def run(
+    preset: Annotated[str, typer.Option("--preset", "--config", help="Preset name or YAML path.")] = "tiny",
+    data: Annotated[str, typer.Option(help="Shard datasets to train on: a folder, s3:// URI or DVC md5. "
+                                           "Default: generate the synthetic shapes world.")] = "",
+    host: Annotated[str, typer.Option(help="KFP endpoint: submit there instead of running here.")] = "",
+    overrides: OverridesArgument = None,
+) -> None:
+    """Run the whole pipeline: on this machine through kfp.local (default: tiny preset, synthetic
+    data), or on a KFP cluster with --host. Prints each stage's progress and, at the end, the run
+    id, where the artifacts are, and the evaluation table. Exit 1 when the run failed."""
+    from emu.pipeline.runner import RunRequest, run_local, submit
+
+    import os
+
+    request = RunRequest(preset=preset, source=data, overrides=list(overrides or []), host=host,
+                         run_id=os.environ.get("EMU_RUN_ID") or None)
+    if host:
+        run_id = submit(request)
+        typer.echo(f"submitted to {host}: KFP run {run_id}")
+        return
+    outcome = run_local(request, on_event=lambda line: typer.echo(line, err=True))
+    for line in outcome_lines(outcome):
+        typer.echo(line)
+    raise typer.Exit(0 if outcome.status == "succeeded" else 1)
+
+
+def outcome_lines(outcome) -> list[str]:
+    lines = [f"run {outcome.run_id}: {outcome.status.upper()}"]
+    for task in outcome.tasks:
+        seconds = "" if task["seconds"] is None else f"{task['seconds']:.1f} s"
+        state = "cached (reused)" if task["cached"] else task["status"]
+        lines.append(f"  {task['stage']:<11} {state:<16} {seconds}")
+        if task["error"]:
+            lines.append(f"      error: {task['error'].splitlines()[0][:200]}")
+    if outcome.error and not any(t["error"] for t in outcome.tasks):
+        lines.append(f"  error: {outcome.error.splitlines()[0][:300]}")
+    lines.append(f"artifacts: {outcome.artifacts_dir} (restore anywhere: emu artifacts pull {outcome.run_id} --out DIR)")
+    lines.append(f"lineage: emu lineage show {outcome.run_id}")
+    if outcome.evaluation:
+        lines.append("evaluation:")
+        names = sorted(n for n in outcome.evaluation if not n.endswith("_seconds"))
+        for name in names:
+            if "chance" in name or name.endswith("_n") or name == "gate_passed":
+                continue
+            chance = outcome.evaluation.get(_chance_of(name))
+            beside = "" if chance is None else f"   (chance {chance:.3f})"
+            lines.append(f"  {name:<32} {outcome.evaluation[name]:>9.3f}{beside}")
+        if "gate_passed" in outcome.evaluation:
+            lines.append(f"  gate: {'passed' if outcome.evaluation['gate_passed'] else 'failed'}")
+    return lines
+
+
+def compile_(
+    out: Annotated[Path, typer.Option(help="Where to write the pipeline YAML.")] = Path("pipelines/emu_pipeline.yaml"),
+    preset: Annotated[str, typer.Option("--preset", "--config", help="Preset whose pipeline.resources apply.")] = "emu2-37b",
+) -> None:
+    """Compile the pipeline to KFP YAML (the committed pipelines/emu_pipeline.yaml is this with emu2-37b)."""
+    from emu.pipeline.runner import compile_pipeline
+
+    typer.echo(f"wrote {compile_pipeline(preset, out)}")
+
+
+@schedule_app.command("create")
+def schedule_create(
+    cron: Annotated[str, typer.Option(help="Cron expression: 5 fields, or 6 with seconds first (KFP's form).")],
+    name: Annotated[str, typer.Option(help="Schedule name (unique).")] = "",
+    preset: Annotated[str, typer.Option("--preset", "--config")] = "tiny",
+    data: Annotated[str, typer.Option(help="Training data (as `emu run --data`).")] = "",
+    host: Annotated[str, typer.Option(help="KFP endpoint: create a KFP recurring run there.")] = "",
+    overrides: OverridesArgument = None,
+) -> None:
+    """Create a schedule: a KFP recurring run (6-field cron, max concurrency 1, no catch-up) with
+    --host; else a local schedule that `emu scheduler` runs."""
+    from emu.pipeline.schedules import create_schedule
+
+    schedule = create_schedule(cron=cron, name=name, preset=preset, data=data, overrides=list(overrides or []),
+                               host=host)
+    typer.echo(f"created schedule {schedule['id']} ({schedule['name']}): {schedule['cron']}, next {schedule['next']}")
+
+
+@schedule_app.command("list")
+def schedule_list(host: Annotated[str, typer.Option(help="List the KFP recurring runs of this endpoint.")] = "") -> None:
+    """List schedules with their cron, state, last run and next fire time."""
+    from emu.pipeline.schedules import list_schedules
+
+    for line in list_schedules(host):
+        typer.echo(line)
+
+
+def _set(target: str, paused: bool, host: str) -> None:
+    from emu.pipeline.schedules import set_paused
+
+    typer.echo(set_paused(target, paused, host))
+
+
+@schedule_app.command("pause")
+def schedule_pause(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+    """Pause a schedule (no runs start until it is resumed; missed times are not caught up)."""
+    _set(schedule, True, host)
+
+
+@schedule_app.command("resume")
+def schedule_resume(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+    """Resume a paused schedule from the next fire time after now."""
+    _set(schedule, False, host)
+
+
+@schedule_app.command("delete")
+def schedule_delete(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+    """Delete a schedule (the runs it started stay in the lineage store)."""
+    from emu.pipeline.schedules import delete_schedule
+
+    typer.echo(delete_schedule(schedule, host))
+
+
+def scheduler(
+    once: Annotated[bool, typer.Option(help="Fire what is due now and exit (for cron or tests).")] = False,
+    poll: Annotated[float, typer.Option(help="Seconds between checks.")] = 5.0,
+) -> None:
+    """Run the local schedules: start each due schedule's pipeline run, never while the previous run
+    of the same schedule is still going."""
+    from emu.pipeline.schedules import run_scheduler
+
+    try:
+        run_scheduler(once=once, poll_seconds=poll, echo=lambda line: typer.echo(line))
+    except KeyboardInterrupt:
+        typer.echo("scheduler stopped", err=True)
+        sys.exit(130)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the pipeline commands to the `emu` app."""
+    app.command("run")(run)
+    app.command("compile")(compile_)
+    app.command("scheduler")(scheduler)
+    app.add_typer(schedule_app, name="schedule")
+

@@ -1,0 +1,294 @@
+"""`emu run`: the whole pipeline on this machine through kfp.local, or submitted to a KFP cluster.
+
+A run is one call of the pipeline with: the preset, every stage's resolved config (preset
+section + `section.key=value` overrides), the training data (a shard folder, s3:// URI or DVC
+md5; none = the synthetic shapes world) with its DVC md5, and the code version (a hash of the
+platform's sources and presets). Those values, and the md5 each task passes to the next, are
+what KFP's cache keys on: an unchanged re-run is served from the cache in seconds; a changed
+stage-2 setting re-runs stage 2 and what depends on it; new data or new code re-runs everything.
+
+Locally, each task runs as a subprocess of this environment (kfp.local.SubprocessRunner), under
+$EMU_HOME (default ~/.emu): kfp/ (artifacts, one folder per run), kfp-cache/ (KFP's cache),
+lineage.db (SQLite) and dvc-remote/ (content-addressed artifacts), unless EMU_LINEAGE_URL and
+EMU_DVC_REMOTE point elsewhere (PostgreSQL, S3).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emu.config import resolve, to_dict
+from emu.errors import ConfigError, EmuError
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Pipeline parameter -> preset section of the config it carries.
+CONFIG_PARAMETERS = {
+    "synth_config": "synth", "import_config": "import", "validate_config": "validate", "stage1_config": "stage1",
+    "model_config": "model", "precompute_config": "precompute", "stage2_config": "stage2",
+    "decoder_config": "decoder", "visual_decoder_config": "visual_decoder", "instruct_config": "instruct",
+    "evaluate_config": "evaluate",
+}
+#: Pipeline tasks in graph order (KFP task names).
+TASKS = ("prepare", "validate", "stage1", "precompute", "stage2", "decoder", "instruct", "evaluate", "register")
+#: Where the code lives whose change must invalidate the cache.
+CODE_PATHS = ("emu", "components", "pipelines", "configs")
+
+
+def emu_home() -> Path:
+    return Path(os.environ.get("EMU_HOME") or Path.home() / ".emu").expanduser()
+
+
+@dataclass
+class RunRequest:
+    preset: str = "tiny"
+    source: str = ""                       # shard folder, s3:// URI or DVC md5; "" = synthetic world
+    overrides: list[str] = field(default_factory=list)   # "section.key=value"
+    trigger: str = "cli"
+    triggered_by: str = ""
+    schedule_id: str | None = None
+    host: str = ""                         # KFP endpoint; "" = kfp.local
+    run_id: str | None = None              # a run already recorded (by the scheduler); else a new one
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    tasks: list[dict[str, Any]]
+    evaluation: dict[str, float]
+    artifacts_dir: Path | None
+    error: str | None = None
+
+
+def parameters(request: RunRequest) -> dict[str, str]:
+    """The pipeline's arguments: every stage config resolved, the data md5, the code version."""
+    from emu.sections import SECTIONS
+
+    by_section: dict[str, list[str]] = {}
+    for override in request.overrides:
+        section, dot, rest = override.partition(".")
+        if not dot or section not in SECTIONS or "=" not in rest:
+            raise ConfigError(f"`emu run` override {override!r} must be section.key=value with a section of "
+                              f"{', '.join(SECTIONS)}")
+        by_section.setdefault(section, []).append(rest)
+    unused = set(by_section) - set(CONFIG_PARAMETERS.values()) - {"pipeline"}
+    if unused:
+        raise ConfigError(f"`emu run` overrides for {sorted(unused)}: the pipeline does not run those sections")
+    values = {"preset": request.preset, "source": request.source, "source_md5": source_md5(request.source),
+              "code_version": code_version()}
+    for name, section in CONFIG_PARAMETERS.items():
+        config = resolve(SECTIONS[section](), section, request.preset, by_section.get(section, []))
+        values[name] = json.dumps(to_dict(config), sort_keys=True)
+    return values
+
+
+def run_parameters(request: RunRequest, args: dict[str, str]) -> dict[str, Any]:
+    """What the lineage store keeps of a run's arguments: the resolved config of every stage
+    (for audits and config diffs), the data and its md5, the code version, the overrides."""
+    return {"source": request.source, "source_md5": args["source_md5"], "code_version": args["code_version"],
+            "overrides": list(request.overrides),
+            "configs": {CONFIG_PARAMETERS[k]: json.loads(v) for k, v in args.items() if k in CONFIG_PARAMETERS}}
+
+
+def pipeline_config(request: RunRequest):
+    from emu.pipeline.config import PipelineConfig
+
+    extra = [o.partition(".")[2] for o in request.overrides if o.startswith("pipeline.")]
+    return resolve(PipelineConfig, "pipeline", request.preset, extra)
+
+
+def code_version() -> str:
+    """A hash of the platform's source files and presets: new code, new cache keys."""
+    digest = hashlib.sha256()
+    for top in CODE_PATHS:
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".yaml", ".yml") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(ROOT)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def source_md5(source: str) -> str:
+    """The DVC md5 of the training data ("" for the synthetic world, whose content the synth
+    config fixes)."""
+    if not source:
+        return ""
+    if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", source):
+        return source
+    from emu.artifacts.dvc import ArtifactStore
+    from emu.artifacts.s3 import resolve_local
+
+    return ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).md5(resolve_local(source))
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if commit.returncode:
+        return None, None
+    return commit.stdout.strip(), bool(dirty.stdout.strip())
+
+
+# ---- local runs ---------------------------------------------------------------------------------
+
+class _TaskLog(logging.Handler):
+    """Collects kfp.local's task events: which tasks ran, were served from cache, failed."""
+
+    CACHE = re.compile(r"Task (\S+) cache hit \(key=([0-9a-f]+)\)")
+    STATUS = re.compile(r"Task '?(\S+?)'? finished with status (\w+)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.cached: dict[str, str] = {}
+        self.status: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
+        if match := self.CACHE.search(text):
+            self.cached[match.group(1)] = match.group(2)
+        elif match := self.STATUS.search(text):
+            self.status[match.group(1)] = match.group(2)
+
+
+def run_local(request: RunRequest, on_event=None) -> RunOutcome:
+    """Run the pipeline through kfp.local; record the run, its cached tasks and its outcome."""
+    from kfp import local
+
+    from emu.lineage.store import LineageStore
+    from pipelines.emu_pipeline import build_pipeline
+
+    home = emu_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("EMU_LINEAGE_URL", f"sqlite:///{home / 'lineage.db'}")
+    os.environ.setdefault("EMU_DVC_REMOTE", str(home / "dvc-remote"))
+    args = parameters(request)
+    config = pipeline_config(request)
+    store = LineageStore(os.environ["EMU_LINEAGE_URL"])
+    commit, dirty = git_state()
+    if request.run_id and store.get_run(request.run_id) is not None:
+        run = store.update_run(request.run_id, status="running")
+        store.set_run_details(run.id, parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty)
+    else:
+        run = store.create_run(trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(),
+                               schedule_id=request.schedule_id, preset=request.preset,
+                               parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty,
+                               backend="local", status="running", run_id=request.run_id)
+    os.environ["EMU_RUN_ID"] = run.id
+    if on_event:
+        on_event(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
+                 f"code {args['code_version']}")
+    events = _TaskLog()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(min(level, logging.INFO))  # kfp.local reports cache hits at INFO
+    root.addHandler(events)
+    started = time.perf_counter()
+    error = None
+    try:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
+                   raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))
+        build_pipeline(config)(**args)
+    except Exception as exc:  # kfp.local raises for pipeline-level problems
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        root.removeHandler(events)
+        root.setLevel(level)
+    record_cached_tasks(store, run.id, events.cached, home / "kfp-cache")
+    executions = store.list_executions(run.id)
+    failed = [e for e in executions if e.status == "failed"]
+    if failed and error is None:
+        error = f"{failed[0].stage}: {failed[0].error}"
+    status = "failed" if error or any(s not in ("SUCCESS",) for s in events.status.values()) else "succeeded"
+    if status == "failed" and error is None:
+        error = "; ".join(f"{task} {state}" for task, state in events.status.items() if state != "SUCCESS")
+    store.update_run(run.id, status=status, error=error)
+    order = {stage: i for i, stage in enumerate(TASKS)}
+    tasks = [{"stage": e.stage, "status": e.status, "cached": e.cached,
+              "seconds": (e.ended_at - e.started_at).total_seconds() if e.ended_at and e.started_at else None,
+              "error": e.error} for e in sorted(executions, key=lambda e: order.get(e.stage, len(order)))]
+    log.info("run %s %s in %.0f s", run.id, status, time.perf_counter() - started)
+    return RunOutcome(run_id=run.id, status=status, tasks=tasks, evaluation=evaluation_of(store, run.id),
+                      artifacts_dir=home / "kfp", error=error)
+
+
+def record_cached_tasks(store, run_id: str, cached: dict[str, str], cache_root: Path) -> None:
+    """Record the tasks KFP served from its cache as executions of this run that link the very
+    artifacts the original execution produced (found through the cache entry's metadata)."""
+    for task, key in cached.items():
+        entries = sorted(cache_root.glob(f"{key}*.json"))
+        if len(entries) != 1:
+            log.warning("cache entry of %s (%s) not found; its lineage link is missing", task, key)
+            continue
+        outputs = json.loads(entries[0].read_text(encoding="utf-8"))
+        originals = {int(value["metadata"]["execution_id"]) for value in outputs.values()
+                     if isinstance(value, dict) and (value.get("metadata") or {}).get("execution_id")}
+        stage = _stage_of(task)
+        if len(originals) == 1:
+            store.record_cached_execution(run_id, stage, originals.pop())
+        else:
+            store.finish_execution(store.start_execution(run_id, stage), "succeeded", cached=True)
+
+
+def _stage_of(task: str) -> str:
+    """kfp.local names tasks after their component (`stage1`, `stage2`...)."""
+    return task.split("-")[0] if task.split("-")[0] in TASKS else task
+
+
+def evaluation_of(store, run_id: str) -> dict[str, float]:
+    """The metrics of the run's evaluate execution (its original when it was cached)."""
+    for execution in store.list_executions(run_id):
+        if execution.stage == "evaluate" and execution.status == "succeeded":
+            source = execution.cached_from or execution.id
+            return {m.name: m.value for m in store.list_metrics_of_execution(source)}
+    return {}
+
+
+# ---- cluster runs -------------------------------------------------------------------------------
+
+def compile_pipeline(preset: str, out: Path, overrides: list[str] = ()) -> Path:
+    """Write the pipeline YAML for a cluster, with `preset`'s resources applied."""
+    from kfp import compiler
+
+    from pipelines.emu_pipeline import build_pipeline
+
+    config = pipeline_config(RunRequest(preset=preset, overrides=list(overrides)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(config), str(out))
+    return out
+
+
+def submit(request: RunRequest, package: Path | None = None) -> str:
+    """Submit the compiled pipeline to the KFP endpoint `request.host`; returns the KFP run id."""
+    import kfp
+
+    from emu.lineage.store import LineageStore
+
+    args = parameters(request)
+    package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides)
+    client = kfp.Client(host=request.host)
+    try:
+        result = client.create_run_from_pipeline_package(str(package), arguments=args, enable_caching=True)
+    except Exception as exc:
+        raise EmuError(f"cannot submit to {request.host}: {type(exc).__name__}: {exc}") from None
+    commit, dirty = git_state()
+    LineageStore(os.environ.get("EMU_LINEAGE_URL") or None).create_run(
+        trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(), schedule_id=request.schedule_id,
+        preset=request.preset, parameters=run_parameters(request, args),
+        git_commit=commit, git_dirty=dirty, backend="kfp", kfp_run_id=result.run_id, status="running")
+    return result.run_id

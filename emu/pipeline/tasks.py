@@ -1,0 +1,343 @@
+"""The pipeline tasks: what each KFP component runs (components/<stage>.py), and nothing else does.
+
+Each task resolves its stage config (the JSON the pipeline passes, else the preset's section),
+calls the stage function of emu.train / emu.precompute / emu.validate / emu.evaluate, and
+around it:
+  * records a stage execution in the lineage store (run from $EMU_RUN_ID), with its resolved
+    config, host, status and error;
+  * links its inputs (their DVC md5 travels in the KFP artifact metadata) and content-addresses
+    its outputs into the DVC remote (emu.artifacts.dvc), linking them too;
+  * stamps each output artifact's metadata with its md5, size and execution id, so a later run
+    served from KFP's cache can link the very same artifacts (emu.pipeline.runner).
+The returned string (the main output's md5) is the next task's cache-key parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emu.config import from_dict, resolve, to_dict
+
+log = logging.getLogger(__name__)
+
+RUN_ENV = "EMU_RUN_ID"
+LINEAGE_ENV = "EMU_LINEAGE_URL"
+REMOTE_ENV = "EMU_DVC_REMOTE"
+
+
+# ---- shared plumbing ------------------------------------------------------------------------------
+
+def lineage():
+    from emu.lineage.store import LineageStore
+
+    return LineageStore(os.environ.get(LINEAGE_ENV) or None)
+
+
+def artifact_store():
+    from emu.artifacts.dvc import ArtifactStore
+
+    return ArtifactStore(os.environ.get(REMOTE_ENV) or None)
+
+
+def stage_config(section: str, preset: str, config_json: str):
+    """The stage's config: the resolved JSON the pipeline passed, else the preset's section."""
+    from emu.sections import SECTIONS
+
+    cls = SECTIONS[section]()
+    if config_json:
+        return from_dict(cls, json.loads(config_json), where=section, origin=f"the {section} task's config")
+    return resolve(cls, section, preset or None)
+
+
+def current_run_id() -> str:
+    """$EMU_RUN_ID (set by `emu run`); a task started some other way gets an ad-hoc run."""
+    run_id = os.environ.get(RUN_ENV)
+    store = lineage()
+    if run_id and store.get_run(run_id) is not None:
+        return run_id
+    run = store.create_run(trigger="api", backend="kfp" if os.environ.get("KFP_POD_NAME") else "local",
+                           status="running", run_id=run_id or None)
+    os.environ[RUN_ENV] = run.id
+    return run.id
+
+
+@dataclass
+class Execution:
+    """One task's lineage: inputs linked on entry, outputs pushed and linked by `output()`."""
+
+    stage: str
+    run_id: str
+    id: int
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def output(self, role: str, path: Path, type_: str, artifact=None) -> str:
+        """Content-address `path` into the DVC remote, link it as this execution's output `role`,
+        stamp the KFP artifact's metadata; return its md5."""
+        ref = artifact_store().push(path)
+        store = lineage()
+        artifact_id = store.record_artifact(ref.md5, ref.size, str(path), type_, name=role)
+        store.link(self.id, artifact_id, "out", role)
+        if artifact is not None:
+            # Strings only: KFP's local cache keys on input artifacts' metadata, and numbers come
+            # back from its JSON store as floats, which would make an identical input look new.
+            artifact.metadata.update({"md5": ref.md5, "size": str(ref.size), "execution_id": str(self.id),
+                                      "artifact_id": str(artifact_id), "role": role})
+        self.outputs[role] = ref.md5
+        return ref.md5
+
+    def stamp(self, *artifacts) -> None:
+        """Mark KFP artifacts as this execution's (cached reruns link back through it)."""
+        for artifact in artifacts:
+            artifact.metadata["execution_id"] = str(self.id)
+
+    def metrics(self, values: dict[str, float], artifact=None) -> None:
+        clean = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lineage().record_metrics(self.run_id, self.id, clean)
+        if artifact is not None:
+            self.stamp(artifact)
+            for name, value in clean.items():
+                artifact.log_metric(name, value)
+            # A file at the artifact's path too: kfp.local treats an output whose file is missing
+            # as a cache miss, so a metrics-only artifact would make its task never cacheable.
+            Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(artifact.path).write_text(json.dumps(clean, indent=1, sort_keys=True), encoding="utf-8")
+
+
+@contextmanager
+def execution(stage: str, config: Any, inputs: dict[str, tuple[str, str]]) -> Iterator[Execution]:
+    """Record the task around its body; a failure is recorded with its error and re-raised.
+    `inputs`: role -> (md5, artifact type) of each input (the md5s the pipeline passes)."""
+    store = lineage()
+    run_id = current_run_id()
+    execution_id = store.start_execution(run_id, stage, config=to_dict(config) if config is not None else None)
+    for role, (md5, type_) in inputs.items():
+        if md5:
+            store.link(execution_id, store.record_artifact(md5, None, None, type_, name=role), "in", role)
+    record = Execution(stage=stage, run_id=run_id, id=execution_id)
+    try:
+        yield record
+    except BaseException as exc:
+        store.finish_execution(execution_id, "failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+    store.finish_execution(execution_id, "succeeded")
+
+
+def training_sources(dataset: Path, preset: str) -> list[Path]:
+    """The dataset folders a training stage reads: all but the held-out evaluation sources."""
+    held_out = set(stage_config("pipeline", preset, "").eval_sources)
+    folders = sorted(p for p in Path(dataset).iterdir() if (p / "dataset.json").is_file())
+    return [p for p in folders if p.name not in held_out]
+
+
+def _final_losses(out: Path) -> dict[str, float]:
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    final = summary.get("final", {})
+    return {k: final[k] for k in ("loss", "text_loss", "image_loss") if isinstance(final.get(k), (int, float))}
+
+
+# ---- the tasks ------------------------------------------------------------------------------------
+
+def prepare_task(*, source: str, preset: str, synth_config: str, import_config: str, dataset) -> str:
+    """Shard datasets into `dataset.path`: the synthetic world when `source` is empty, else a copy of
+    a folder / s3:// prefix of datasets, or a DVC md5 pulled from the remote."""
+    from emu.data.prepare import import_sources
+    from emu.data.synth import generate
+
+    synth = stage_config("synth", preset, synth_config)
+    importing = stage_config("import", preset, import_config)
+    out = Path(dataset.path)
+    with execution("prepare", {"source": source, "synth": to_dict(synth), "import": to_dict(importing)}, {}) as run:
+        if not source:
+            with tempfile.TemporaryDirectory(prefix="emu-synth-") as tmp:
+                generate(Path(tmp) / "raw", synth)
+                import_sources(Path(tmp) / "raw", out, importing)
+        elif _is_md5(source):
+            artifact_store().pull(source, out)
+        else:
+            from emu.artifacts.s3 import resolve_local
+
+            shutil.copytree(resolve_local(source), out, dirs_exist_ok=False)
+        return run.output("dataset", out, "dataset", dataset)
+
+
+def validate_task(*, dataset: str, dataset_md5: str, preset: str, config: str, report, metrics) -> str:
+    from emu.validate.gate import run_gate
+
+    cfg = stage_config("validate", preset, config)
+    with execution("validate", cfg, {"dataset": (dataset_md5, "dataset")}) as run:
+        folder = Path(report.path).with_suffix(".d")
+        result = run_gate(Path(dataset), folder, cfg)
+        Path(report.path).write_text(_gate_html(result.summary_lines()), encoding="utf-8")
+        run.stamp(report)
+        run.output("validation", folder, "report")
+        run.metrics({"passed": float(result.passed)}, metrics)
+        if not result.passed:
+            raise RuntimeError("the data failed validation:\n" + "\n".join(result.summary_lines()))
+        return "passed"
+
+
+def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, model_config: str, model,
+                metrics) -> str:
+    from emu.train.stages import stage1
+
+    cfg = stage_config("stage1", preset, config)
+    architecture = stage_config("model", preset, model_config)
+    with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
+                   {"dataset": (dataset_md5, "dataset")}) as run:
+        out = Path(model.path)
+        stage1(cfg, architecture, training_sources(Path(dataset), preset), out)
+        run.metrics(_final_losses(out), metrics)
+        return run.output("model", out / "model", "model", model)
+
+
+def precompute_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, preset: str, config: str,
+                    embeddings) -> str:
+    from emu.precompute.job import run_precompute
+
+    cfg = stage_config("precompute", preset, config)
+    with execution("precompute", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model")}) as run:
+        run_precompute(training_sources(Path(dataset), preset), str(Path(model) / "model"), Path(embeddings.path), cfg)
+        return run.output("embeddings", Path(embeddings.path), "embeddings", embeddings)
+
+
+def stage2_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
+                preset: str, config: str, model, metrics) -> str:
+    import dataclasses
+
+    from emu.train.stages import stage2
+
+    cfg = dataclasses.replace(stage_config("stage2", preset, config), init=str(Path(init) / "model"),
+                              precomputed=str(embeddings))
+    with execution("stage2", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
+                                   "embeddings": (embeddings_md5, "embeddings")}) as run:
+        out = Path(model.path)
+        stage2(cfg, training_sources(Path(dataset), preset), out)
+        run.metrics(_final_losses(out), metrics)
+        return run.output("model", out / "model", "model", model)
+
+
+def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: str, preset: str, config: str,
+                 decoder_config: str, decoder, metrics) -> str:
+    import dataclasses
+
+    from emu.train.stages import train_decoder
+
+    cfg = dataclasses.replace(stage_config("decoder", preset, config), encoder=str(Path(encoder) / "model"))
+    architecture = stage_config("visual_decoder", preset, decoder_config)
+    with execution("decoder", {"decoder": to_dict(cfg), "visual_decoder": to_dict(architecture)},
+                   {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
+        out = Path(decoder.path)
+        train_decoder(cfg, architecture, training_sources(Path(dataset), preset), out)
+        run.metrics(_final_losses(out), metrics)
+        return run.output("decoder", out / "decoder", "decoder", decoder)
+
+
+def instruct_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
+                  preset: str, config: str, model, metrics) -> str:
+    import dataclasses
+
+    from emu.train.stages import instruct
+
+    cfg = dataclasses.replace(stage_config("instruct", preset, config), init=str(Path(init) / "model"),
+                              precomputed=str(embeddings))
+    with execution("instruct", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
+                                     "embeddings": (embeddings_md5, "embeddings")}) as run:
+        out = Path(model.path)
+        instruct(cfg, training_sources(Path(dataset), preset), out)
+        run.metrics(_final_losses(out), metrics)
+        return run.output("model", out / "model", "model", model)
+
+
+def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, decoder: str, decoder_md5: str,
+                  preset: str, config: str, metrics, report, summary) -> str:
+    """Benchmarks, then the promotion gate: against the configured baseline file, else the current
+    production model (no regression beyond the tolerance), else, with no production model yet,
+    each headline score must beat its chance level. Returns "true" when the gate passes."""
+    import dataclasses
+
+    from emu.evaluate.harness import evaluate
+
+    cfg = dataclasses.replace(stage_config("evaluate", preset, config), data_root=str(dataset))
+    with execution("evaluate", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model"),
+                                     "decoder": (decoder_md5, "decoder")}) as run:
+        out = Path(metrics.path).with_suffix(".d")
+        result = evaluate(cfg, str(Path(model) / "model"), out, decoder=str(Path(decoder) / "decoder"))
+        flat = json.loads((out / "kfp_metrics.json").read_text(encoding="utf-8"))
+        pipeline = stage_config("pipeline", preset, "")
+        passed, reasons = promotion_gate(result.metrics, flat, result.gate, pipeline.gate_metrics,
+                                         pipeline.gate_tolerance)
+        run.metrics({**flat, "gate_passed": float(passed)}, metrics)
+        shutil.copyfile(out / "report.html", report.path)
+        Path(summary.path).write_text((out / "report.md").read_text(encoding="utf-8")
+                                      + "\n\n## Gate\n\n" + ("passed" if passed else "failed: " + "; ".join(reasons))
+                                      + "\n", encoding="utf-8")
+        run.output("evaluation", out, "metrics")
+        run.stamp(report, summary)
+        metrics.metadata["gate_reasons"] = reasons
+        return "true" if passed else "false"
+
+
+def promotion_gate(payload: dict, flat: dict[str, float], configured: dict | None,
+                   names: list[str], tolerance: float) -> tuple[bool, list[str]]:
+    """(passed, reasons). A gate file (evaluate.baseline) decides when given. Otherwise the
+    `names` metrics must not fall more than `tolerance` below the production model's, or, before
+    the first promotion, must each beat their chance level."""
+    if configured is not None:
+        return bool(configured["passed"]), list(configured["reasons"])
+    missing = [name for name in names if name not in flat]
+    if missing:
+        return False, [f"{name} was not measured (evaluate.benches)" for name in missing]
+    production = lineage().production()
+    if production is not None:
+        reasons = [f"{name} {flat[name]:.4f} < production {production.version} {production.metrics[name]:.4f}"
+                   for name in names if name in production.metrics and flat[name] < production.metrics[name] - tolerance]
+        return not reasons, reasons or [f"no metric below production {production.version}"]
+    reasons = []
+    for name in names:
+        chance = flat.get(_chance_of(name))
+        if chance is None:
+            reasons.append(f"{name} has no chance level to beat")
+        elif flat[name] <= chance:
+            reasons.append(f"{name} {flat[name]:.4f} is not above chance {chance:.4f}")
+    return not reasons, reasons or ["every gate metric is above chance (no production model yet)"]
+
+
+def _chance_of(metric: str) -> str:
+    """`vqav2_accuracy` -> `vqav2_chance`; `t2i_clip_i` -> `t2i_chance_clip_i`."""
+    for bench in ("coco_captions", "vqav2", "autoencode", "t2i"):
+        if metric.startswith(bench + "_"):
+            rest = metric[len(bench) + 1:]
+            return f"{bench}_chance" if rest in ("accuracy", "cider") else f"{bench}_chance_{rest}"
+    return metric + "_chance"
+
+
+def register_task(*, model_md5: str, decoder_md5: str, evaluation) -> str:
+    """Promote the model and decoder that passed the gate: the registry's production pointer."""
+    store = lineage()
+    with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")}) as run:
+        values = {k: v for k, v in (evaluation.metadata or {}).items() if isinstance(v, (int, float))
+                  and not isinstance(v, bool) and k != "gate_passed"}
+        version = store.promote(run.run_id, model_md5=model_md5, decoder_md5=decoder_md5, metrics=values)
+        log.info("registered %s as production (model %s, decoder %s)", version, model_md5, decoder_md5)
+        return version
+
+
+def _is_md5(text: str) -> bool:
+    core = text[:-4] if text.endswith(".dir") else text
+    return len(core) == 32 and all(c in "0123456789abcdef" for c in core)
+
+
+def _gate_html(lines: list[str]) -> str:
+    import html
+
+    body = "\n".join(html.escape(line) for line in lines)
+    return f"<!doctype html><meta charset=utf-8><title>Validation</title><pre>{body}</pre>\n"

@@ -1,0 +1,100 @@
+"""The Emu pipeline graph (DESIGN.md):
+
+    prepare ─► validate ─► stage1 ─► precompute ─┬─► stage2 ─► instruct ─┐
+                                                 └─► decoder ────────────┴─► evaluate ─► register (gate passed)
+
+Parameters: `preset` (configs/<name>.yaml), `source` (shard datasets to train on: a folder, an
+s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5`, the
+`code_version`, and one resolved config per stage (JSON; empty = the preset's section). Each task
+gets only its own stage's config and the md5 of its inputs, so changing a stage-2 setting re-runs
+stage 2 and what depends on it, and nothing upstream.
+
+Per-stage resources (CPU, memory, GPUs, node selector and tolerations of the GPU node pool, a
+memory-backed /dev/shm) come from the preset's `pipeline.resources` at compile time; kfp.local
+ignores them, a cluster schedules by them.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline's annotations at runtime.
+from kfp import dsl, kubernetes
+
+from components.decoder import decoder as decoder_component
+from components.evaluate import evaluate as evaluate_component
+from components.instruct import instruct as instruct_component
+from components.precompute import precompute as precompute_component
+from components.prepare import prepare as prepare_component
+from components.register import register as register_component
+from components.stage1 import stage1 as stage1_component
+from components.stage2 import stage2 as stage2_component
+from components.validate import validate as validate_component
+from emu.pipeline.config import PipelineConfig, StageResources
+
+NAME = "emu"
+
+
+def build_pipeline(config: PipelineConfig):
+    """The pipeline function, with `config`'s resources applied to its tasks."""
+
+    @dsl.pipeline(name=NAME, description="Emu2-style training: validate, pretrain (2 stages), precompute, "
+                                         "decoder, instruction tuning, evaluation, registration.")
+    def emu(preset: str = "tiny", source: str = "", source_md5: str = "", code_version: str = "",
+            synth_config: str = "", import_config: str = "", validate_config: str = "", stage1_config: str = "",
+            model_config: str = "", precompute_config: str = "", stage2_config: str = "", decoder_config: str = "",
+            visual_decoder_config: str = "", instruct_config: str = "", evaluate_config: str = ""):
+        common = {"preset": preset, "code_version": code_version}
+        prepare = _configure(prepare_component(source=source, source_md5=source_md5, synth_config=synth_config,
+                                               import_config=import_config, **common), "prepare", config)
+        data = {"dataset": prepare.outputs["dataset"], "dataset_md5": prepare.outputs["Output"]}
+        validate = _configure(validate_component(config=validate_config, **data, **common), "validate", config)
+        stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config, **data, **common),
+                            "stage1", config).after(validate)
+        precompute = _configure(precompute_component(model=stage1.outputs["model"], model_md5=stage1.outputs["Output"],
+                                                     config=precompute_config, **data, **common), "precompute", config)
+        embeddings = {"embeddings": precompute.outputs["embeddings"], "embeddings_md5": precompute.outputs["Output"]}
+        stage2 = _configure(stage2_component(init=stage1.outputs["model"], init_md5=stage1.outputs["Output"],
+                                             config=stage2_config, **embeddings, **data, **common), "stage2", config)
+        decoder = _configure(decoder_component(encoder=stage1.outputs["model"], encoder_md5=stage1.outputs["Output"],
+                                               config=decoder_config, decoder_config=visual_decoder_config,
+                                               **data, **common), "decoder", config)
+        instruct = _configure(instruct_component(init=stage2.outputs["model"], init_md5=stage2.outputs["Output"],
+                                                 config=instruct_config, **embeddings, **data, **common),
+                              "instruct", config)
+        evaluate = _configure(evaluate_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
+                                                 decoder=decoder.outputs["decoder"],
+                                                 decoder_md5=decoder.outputs["Output"], config=evaluate_config,
+                                                 **data, **common), "evaluate", config)
+        with dsl.If(evaluate.outputs["Output"] == "true", name="gate-passed"):
+            _configure(register_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
+                                          decoder=decoder.outputs["decoder"], decoder_md5=decoder.outputs["Output"],
+                                          evaluation=evaluate.outputs["metrics"], code_version=code_version),
+                       "register", config)
+
+    return emu
+
+
+def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> dsl.PipelineTask:
+    """Cluster settings of one task: resources, the GPU node pool, /dev/shm, S3 credentials and the
+    platform settings (lineage DB URL, DVC remote) as environment."""
+    task.set_display_name(stage)
+    task.set_caching_options(enable_caching=True)
+    resources = config.resources.get(stage, StageResources())
+    if resources.cpu:
+        task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+    if resources.memory:
+        task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+    if resources.accelerators:
+        task.set_accelerator_type(resources.accelerator).set_accelerator_limit(resources.accelerators)
+    for key, value in sorted(resources.node_selector.items()):
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in resources.tolerations:
+        kubernetes.add_toleration(task, key=toleration.key or None, operator=toleration.operator or None,
+                                  value=toleration.value or None, effect=toleration.effect or None)
+    if resources.shm:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=resources.shm)
+    kubernetes.use_secret_as_env(task, secret_name=config.s3_secret, optional=True, secret_key_to_env={
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_config_map_as_env(task, config_map_name=config.settings_config_map, optional=True,
+                                     config_map_key_to_env={"EMU_LINEAGE_URL": "EMU_LINEAGE_URL",
+                                                            "EMU_DVC_REMOTE": "EMU_DVC_REMOTE",
+                                                            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"})
+    return task
