@@ -42,6 +42,8 @@ CONFIG_PARAMETERS = {
 }
 #: Pipeline tasks in graph order (KFP task names).
 TASKS = ("prepare", "validate", "stage1", "precompute", "stage2", "decoder", "instruct", "evaluate", "register")
+#: Variables of a torch.distributed process group (set by launchers and emu.train.engine).
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: Where the code lives whose change must invalidate the cache.
 CODE_PATHS = ("emu", "components", "pipelines", "configs")
 
@@ -192,6 +194,8 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
     if on_event:
         on_event(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
                  f"code {args['code_version']}")
+    # Tasks inherit this environment; a process group this process may have joined is not theirs.
+    inherited = {name: os.environ.pop(name) for name in DISTRIBUTED_ENV if name in os.environ}
     events = _TaskLog()
     root = logging.getLogger()
     level = root.level
@@ -208,6 +212,7 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
     finally:
         root.removeHandler(events)
         root.setLevel(level)
+        os.environ.update(inherited)
     record_cached_tasks(store, run.id, events.cached, home / "kfp-cache")
     executions = store.list_executions(run.id)
     failed = [e for e in executions if e.status == "failed"]

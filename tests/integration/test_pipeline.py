@@ -1,0 +1,179 @@
+"""The pipeline end to end on this machine (kfp.local), on a fast variant of the tiny preset:
+a full run, a run served from cache, a stage-2 change re-running stage 2 onward only, lineage
+from the final model back to the data shards, a failing stage, and a schedule that fires.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emu.lineage.store import LineageStore
+from emu.pipeline.runner import RunRequest, compile_pipeline, run_local
+
+ROOT = Path(__file__).resolve().parents[2]
+EMU = Path(sys.executable).parent / "emu"
+DISTRIBUTED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_committed_pipeline_yaml_is_what_compile_writes(tmp_path):
+    """pipelines/emu_pipeline.yaml must be regenerated (`emu compile`) whenever the graph changes."""
+    fresh = compile_pipeline("emu2-37b", tmp_path / "emu.yaml")
+    assert fresh.read_text() == (ROOT / "pipelines" / "emu_pipeline.yaml").read_text()
+
+
+def test_compiled_yaml_carries_the_gpu_node_pool_settings():
+    spec = yaml.safe_load_all((ROOT / "pipelines" / "emu_pipeline.yaml").read_text())
+    docs = list(spec)
+    executors = docs[0]["deploymentSpec"]["executors"]
+    for stage in ("stage1", "precompute", "stage2", "decoder", "instruct"):
+        resources = executors[f"exec-{stage}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "8"
+    kubernetes = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for stage in ("stage1", "stage2"):
+        config = kubernetes[f"exec-{stage}"]
+        assert config["nodeSelector"]["labels"] == {"emu.platform/pool": "gpu-h100"}
+        assert config["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert config["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert config["emptyDirMounts"][0]["medium"] == "Memory"
+        assert config["secretAsEnv"][0]["secretName"] == "emu-s3"
+    assert "accelerator" not in executors["exec-validate"]["container"].get("resources", {})
+
+
+def fast_preset(folder: Path) -> Path:
+    """The tiny preset with a smaller world and a few steps per stage: the same code paths."""
+    preset = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    preset["synth"]["scale"] = 0.1
+    for stage in ("stage1", "stage2", "decoder", "instruct", "instruct_gen"):
+        preset[stage]["steps"] = 3
+        preset[stage]["runtime"]["progress"] = False
+    preset["evaluate"] = {"benches": ["vqav2", "coco-captions", "autoencode"], "max_new_tokens": 3,
+                          "caption_tokens": 8, "inference_steps": 2}
+    path = folder / "fast.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh EMU_HOME (lineage DB, DVC remote, KFP root and cache) for this module's runs."""
+    root = tmp_path_factory.mktemp("emu-home")
+    saved = {k: os.environ.get(k) for k in ("EMU_HOME", "EMU_LINEAGE_URL", "EMU_DVC_REMOTE", "EMU_RUN_ID")}
+    os.environ["EMU_HOME"] = str(root)
+    for name in ("EMU_LINEAGE_URL", "EMU_DVC_REMOTE", "EMU_RUN_ID"):
+        os.environ.pop(name, None)
+    yield root
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def first(home):
+    preset = fast_preset(home)
+    return preset, run_local(RunRequest(preset=str(preset)))
+
+
+def stages(outcome, cached: bool) -> list[str]:
+    return [t["stage"] for t in outcome.tasks if t["cached"] == cached]
+
+
+def test_first_run_executes_every_stage_and_records_lineage(first):
+    preset, outcome = first
+    assert outcome.status == "succeeded", outcome.error
+    assert stages(outcome, cached=False) == ["prepare", "validate", "stage1", "precompute", "stage2", "decoder",
+                                             "instruct", "evaluate"]
+    assert {"vqav2_accuracy", "vqav2_chance", "coco_captions_cider"} <= set(outcome.evaluation)
+
+
+def test_lineage_of_the_final_model_reaches_the_data_shards(first, home):
+    _, outcome = first
+    store = LineageStore()
+    executions = {e.stage: e for e in store.list_executions(outcome.run_id)}
+    proc = subprocess.run([str(EMU), "lineage", "show", outcome.run_id, "--format", "json"], capture_output=True,
+                          text=True, env=_env(home), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    graph = json.loads(proc.stdout)
+    instruct_out = [e for e in graph["edges"] if e["execution_id"] == executions["instruct"].id and e["direction"] == "out"]
+    model = next(a for a in graph["artifacts"] if a["id"] == instruct_out[0]["artifact_id"])
+    up = json.loads(subprocess.run([str(EMU), "lineage", "show", model["md5"], "--format", "json"],
+                                   capture_output=True, text=True, env=_env(home), timeout=120).stdout)
+    stages_up = {e["stage"] for e in up["executions"]}
+    assert {"prepare", "stage1", "precompute", "stage2", "instruct"} <= stages_up
+    datasets = [a for a in up["artifacts"] if a["type"] == "dataset"]
+    assert len(datasets) == 1 and datasets[0]["md5"].endswith(".dir")
+    run = up["runs"][0]
+    assert run["git_commit"] and run["parameters"]["configs"]["stage2"]["steps"] == 3
+    assert all(e["config"] for e in up["executions"] if e["stage"] in ("stage1", "stage2", "instruct"))
+
+
+def test_unchanged_rerun_is_served_from_cache(first):
+    preset, _ = first
+    again = run_local(RunRequest(preset=str(preset)))
+    assert again.status == "succeeded"
+    assert stages(again, cached=False) == [], "every stage reused"
+    assert set(stages(again, cached=True)) >= {"prepare", "stage1", "stage2", "instruct", "evaluate"}
+    assert all(t["seconds"] == 0 for t in again.tasks)
+    assert again.evaluation == first[1].evaluation
+
+
+def test_changed_stage2_setting_reruns_stage2_onward_only(first):
+    preset, _ = first
+    changed = run_local(RunRequest(preset=str(preset), overrides=["stage2.lr=2e-3"]))
+    assert changed.status == "succeeded"
+    assert set(stages(changed, cached=False)) == {"stage2", "instruct", "evaluate"}
+    assert set(stages(changed, cached=True)) >= {"prepare", "validate", "stage1", "precompute", "decoder"}
+
+
+def test_a_failing_stage_stops_its_dependants_and_the_next_run_resumes(first, home):
+    preset, _ = first
+    # A context too short for a 16-token image fails instruction tuning before its first step.
+    failed = run_local(RunRequest(preset=str(preset), overrides=["instruct.sequence.max_len=12"]))
+    assert failed.status == "failed"
+    by_stage = {t["stage"]: t for t in failed.tasks}
+    assert by_stage["instruct"]["status"] == "failed" and "sequence.max_len=12" in by_stage["instruct"]["error"]
+    assert "evaluate" not in by_stage, "evaluate depends on instruct and must not run"
+    assert all(by_stage[s]["cached"] for s in ("prepare", "stage1", "stage2")), "completed artifacts stay"
+    run = LineageStore().get_run(failed.run_id)
+    assert run.status == "failed" and "instruct" in run.error
+    fixed = run_local(RunRequest(preset=str(preset), overrides=["instruct.sequence.max_len=2048"]))
+    assert fixed.status == "succeeded"
+    assert set(stages(fixed, cached=False)) == {"instruct", "evaluate"}, "resumes from the failed stage"
+
+
+def test_schedule_fires_and_its_run_is_recorded_with_the_schedule(first, home):
+    preset, _ = first
+    env = _env(home)
+    create = subprocess.run([str(EMU), "schedule", "create", "--cron", "* * * * * *", "--name", "every-second",
+                             "--preset", str(preset)], capture_output=True, text=True, env=env, timeout=120)
+    assert create.returncode == 0, create.stderr
+    import time
+
+    time.sleep(1.5)
+    fire = subprocess.run([str(EMU), "scheduler", "--once"], capture_output=True, text=True, env=env, timeout=120)
+    assert fire.returncode == 0 and "started run" in fire.stdout, fire.stdout + fire.stderr
+    run_id = fire.stdout.split("started run ")[1].split()[0]
+    store = LineageStore()
+    deadline = time.monotonic() + 300
+    while store.get_run(run_id).status in ("pending", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+    run = store.get_run(run_id)
+    schedule = store.get_schedule("every-second")
+    assert run.trigger == "schedule" and run.schedule_id == schedule.id and run.status == "succeeded"
+    assert schedule.last_run_id == run_id
+    delete = subprocess.run([str(EMU), "schedule", "delete", "every-second"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert delete.returncode == 0 and store.get_schedule("every-second") is None
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED and k != "EMU_RUN_ID"}
+    env["EMU_HOME"] = str(home)
+    return env
