@@ -320,6 +320,19 @@ class LineageStore:
                            role=edge.role))
             return copy.id
 
+    def record_metric_series(self, run_id: str, execution_id: int, series: list[tuple[int, Mapping[str, float]]]) -> int:
+        """Per-step values of a training execution (loss curves) in one transaction; non-finite and
+        non-numeric values are left out (a curve may have gaps, never a poisoned point)."""
+        rows = [Metric(run_id=run_id, execution_id=execution_id, name=name, value=float(value), step=step)
+                for step, values in series for name, value in values.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+        with self.session(write=True) as s:
+            execution = s.get(StageExecution, execution_id)
+            if execution is None or execution.run_id != run_id:
+                raise LineageError(f"no execution {execution_id} in run {run_id!r} (record_metric_series)")
+            s.add_all(rows)
+        return len(rows)
+
     def list_metrics_of_execution(self, execution_id: int) -> list[Metric]:
         with self.session() as s:
             return list(s.scalars(select(Metric).where(Metric.execution_id == execution_id).order_by(Metric.id)))

@@ -138,10 +138,21 @@ def training_sources(dataset: Path, preset: str) -> list[Path]:
     return [p for p in folders if p.name not in held_out]
 
 
-def _final_losses(out: Path) -> dict[str, float]:
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    final = summary.get("final", {})
-    return {k: final[k] for k in ("loss", "text_loss", "image_loss") if isinstance(final.get(k), (int, float))}
+#: Per-step series kept in the lineage store (the dashboard's curves); the rest stays in metrics.jsonl.
+CURVES = ("loss", "text_loss", "image_loss", "grad_norm", "tokens_per_s", "samples_per_s", "padding_fraction", "mfu")
+
+
+def _training_metrics(run: Execution, out: Path, artifact) -> None:
+    """The stage's per-step curves (loss, text and image loss, learning rates...) and its final
+    losses, from the trainer's metrics.jsonl and summary.json."""
+    series = []
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        series.append((int(record["step"]), {k: v for k, v in record.items() if k in CURVES or k.startswith("lr/")}))
+    lineage().record_metric_series(run.run_id, run.id, series)
+    final = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("final", {})
+    run.metrics({k: final[k] for k in ("loss", "text_loss", "image_loss") if isinstance(final.get(k), (int, float))},
+                artifact)
 
 
 # ---- the tasks ------------------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
                    {"dataset": (dataset_md5, "dataset")}) as run:
         out = Path(model.path)
         stage1(cfg, architecture, training_sources(Path(dataset), preset), out)
-        run.metrics(_final_losses(out), metrics)
+        _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
 
@@ -221,7 +232,7 @@ def stage2_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, emb
                                    "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
         stage2(cfg, training_sources(Path(dataset), preset), out)
-        run.metrics(_final_losses(out), metrics)
+        _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
 
@@ -237,7 +248,7 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
                    {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
         out = Path(decoder.path)
         train_decoder(cfg, architecture, training_sources(Path(dataset), preset), out)
-        run.metrics(_final_losses(out), metrics)
+        _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
 
 
@@ -253,7 +264,7 @@ def instruct_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, e
                                      "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
         instruct(cfg, training_sources(Path(dataset), preset), out)
-        run.metrics(_final_losses(out), metrics)
+        _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
 

@@ -19,11 +19,15 @@ the bf16 dense peak of a known GPU); on CPU it is left out unless a peak is conf
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Dense bf16 peak TFLOP/s (vendor datasheets, SXM parts).
 KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -87,6 +91,7 @@ class MetricsLog:
         self.total = total_steps
         self.stage = stage
         self.started = time.perf_counter()
+        self._first_step = start_step + 1
         self._jsonl = None
         self._writer = None
         self._bar = None
@@ -97,7 +102,8 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(str(out_dir / "tensorboard"))
-        if progress:
+        self._report_every = max(1, total_steps // 10)
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=stage or "train", unit="step",
@@ -106,16 +112,25 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record, allow_nan=False, default=_finite) + "\n")
+        # A diverged step logs null, not NaN: the file stays valid JSON for every reader.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean, allow_nan=False, default=str) + "\n")
         self._jsonl.flush()
         step = record["step"]
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(name, value, step)
+        losses = {k: f"{record[k]:.3g}" for k in ("loss", "text_loss", "image_loss") if isinstance(record.get(k), float)}
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "text_loss", "image_loss")
-                                   if isinstance(record.get(k), float)})
+            self._bar.set_postfix(losses)
+        elif step % self._report_every == 0 or step == self.total:
+            # Not a terminal (a pipeline task's log): a line every tenth of the run, with the ETA.
+            elapsed = time.perf_counter() - self.started
+            done = step - self._first_step + 1
+            eta = elapsed / max(1, done) * (self.total - step)
+            log.info("%s step %d/%d %s; %.0f s elapsed, ETA %.0f s", self.stage or "train", step, self.total,
+                     " ".join(f"{k} {v}" for k, v in losses.items()), elapsed, eta)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -125,6 +140,3 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
 
-
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
