@@ -77,6 +77,7 @@ class ShardEntry:
     samples: int
     bytes: int
     sha256: str
+    md5: str = ""  # the shard's DVC md5 (md5 of its bytes): lineage names shards by it
 
 
 def sanitize_key(raw: str) -> str:
@@ -301,7 +302,8 @@ class ShardWriter:
         os.replace(self._tmp_tar, final)
         self._tmp_tar = None
         self.entries.append(ShardEntry(name=name, manifest=manifest_name, samples=len(self._rows),
-                                       bytes=final.stat().st_size, sha256=file_sha256(final)))
+                                       bytes=final.stat().st_size, sha256=file_sha256(final),
+                                       md5=file_md5(final)))
         self._rows = []
 
     def _abort(self) -> None:
@@ -364,7 +366,15 @@ def iter_samples(dataset_dir: Path) -> Iterator[Sample]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _file_digest(path, hashlib.sha256())
+
+
+def file_md5(path: Path) -> str:
+    """What DVC records for a file (the md5 of its bytes)."""
+    return _file_digest(path, hashlib.md5())
+
+
+def _file_digest(path: Path, digest) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)

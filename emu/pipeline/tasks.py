@@ -131,6 +131,25 @@ def execution(stage: str, config: Any, inputs: dict[str, tuple[str, str]]) -> It
     store.finish_execution(execution_id, "succeeded")
 
 
+def link_shards(run: Execution, sources: list[Path], batch_sizes: dict[str, int]) -> None:
+    """Link every shard holding a data type the stage trains on as its input, by DVC md5, so
+    lineage walks from a model back to the exact shards (dataset.json records each shard's md5
+    when it is written)."""
+    from emu.data.shards import file_md5, read_index
+    from emu.train.data import discover
+
+    used = {t for t, n in batch_sizes.items() if n > 0}
+    datasets = sorted({ref.path for t, refs in discover(sources).items() if t in used for ref in refs})
+    store = lineage()
+    for source in datasets:
+        for entry in read_index(source)["shards"]:
+            path = source / entry["name"]
+            md5 = entry.get("md5") or file_md5(path)
+            artifact_id = store.record_artifact(md5, entry.get("bytes"), str(path), "dataset",
+                                                name=f"{source.name}/{entry['name']}")
+            store.link(run.id, artifact_id, "in", "shard")
+
+
 def training_sources(dataset: Path, preset: str) -> list[Path]:
     """The dataset folders a training stage reads: all but the held-out evaluation sources."""
     held_out = set(stage_config("pipeline", preset, "").eval_sources)
@@ -205,7 +224,9 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
     with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset")}) as run:
         out = Path(model.path)
-        stage1(cfg, architecture, training_sources(Path(dataset), preset), out)
+        sources = training_sources(Path(dataset), preset)
+        link_shards(run, sources, cfg.batch_sizes)
+        stage1(cfg, architecture, sources, out)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
@@ -231,7 +252,9 @@ def stage2_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, emb
     with execution("stage2", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
                                    "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
-        stage2(cfg, training_sources(Path(dataset), preset), out)
+        sources = training_sources(Path(dataset), preset)
+        link_shards(run, sources, cfg.batch_sizes)
+        stage2(cfg, sources, out)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
@@ -247,7 +270,9 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
     with execution("decoder", {"decoder": to_dict(cfg), "visual_decoder": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
         out = Path(decoder.path)
-        train_decoder(cfg, architecture, training_sources(Path(dataset), preset), out)
+        sources = training_sources(Path(dataset), preset)
+        link_shards(run, sources, cfg.batch_sizes)
+        train_decoder(cfg, architecture, sources, out)
         _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
 
@@ -263,7 +288,9 @@ def instruct_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, e
     with execution("instruct", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
                                      "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
-        instruct(cfg, training_sources(Path(dataset), preset), out)
+        sources = training_sources(Path(dataset), preset)
+        link_shards(run, sources, cfg.batch_sizes)
+        instruct(cfg, sources, out)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 

@@ -107,8 +107,19 @@ def test_lineage_of_the_final_model_reaches_the_data_shards(first, home):
                                    capture_output=True, text=True, env=_env(home), timeout=120).stdout)
     stages_up = {e["stage"] for e in up["executions"]}
     assert {"prepare", "stage1", "precompute", "stage2", "instruct"} <= stages_up
-    datasets = [a for a in up["artifacts"] if a["type"] == "dataset"]
-    assert len(datasets) == 1 and datasets[0]["md5"].endswith(".dir")
+    datasets = {a["md5"]: a for a in up["artifacts"] if a["type"] == "dataset"}
+    folders = [md5 for md5 in datasets if md5.endswith(".dir")]
+    assert len(folders) == 1, "the prepared dataset folder"
+    # ... and the exact shards the training stages read, by their DVC md5 (the md5 of the bytes).
+    import hashlib
+
+    shards = {md5: Path(a["uri"]) for md5, a in datasets.items() if not md5.endswith(".dir")}
+    assert shards, "lineage names the shards"
+    for md5, path in shards.items():
+        assert hashlib.md5(path.read_bytes()).hexdigest() == md5
+    trained_on = {p.parent.name for p in shards.values()}
+    assert {"img2dataset", "llava-chat", "vqav2-train"} <= trained_on
+    assert not trained_on & {"vqav2", "coco"}, "evaluation sets are held out of training"
     run = up["runs"][0]
     assert run["git_commit"] and run["parameters"]["configs"]["stage2"]["steps"] == 3
     assert all(e["config"] for e in up["executions"] if e["stage"] in ("stage1", "stage2", "instruct"))
