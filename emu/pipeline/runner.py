@@ -189,7 +189,8 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
         run = store.create_run(trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(),
                                schedule_id=request.schedule_id, preset=request.preset,
                                parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty,
-                               backend="local", status="running", run_id=request.run_id)
+                               image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None, backend="local",
+                               status="running", run_id=request.run_id)
     os.environ["EMU_RUN_ID"] = run.id
     if on_event:
         on_event(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "

@@ -65,7 +65,8 @@ def current_run_id() -> str:
     if run_id and store.get_run(run_id) is not None:
         return run_id
     run = store.create_run(trigger="api", backend="kfp" if os.environ.get("KFP_POD_NAME") else "local",
-                           status="running", run_id=run_id or None)
+                           image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None, status="running",
+                           run_id=run_id or None)
     os.environ[RUN_ENV] = run.id
     return run.id
 
