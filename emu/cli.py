@@ -17,6 +17,7 @@ import typer
 
 from emu.errors import EmuError
 from emu.artifacts.cli import artifacts_app
+from emu.dashboard.cli import dashboard_app
 from emu.lineage.cli import lineage_app
 from emu.pipeline.cli import register as register_pipeline_commands
 
@@ -38,6 +39,7 @@ app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(lineage_app, name="lineage")
 register_pipeline_commands(app)
 app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(dashboard_app, name="dashboard")
 
 DataOption = Annotated[list[Path], typer.Option("--data", help="Shard dataset folder(s); repeat for several.")]
 OutOption = Annotated[Path, typer.Option(help="Output folder (re-running on it resumes from its last checkpoint).")]

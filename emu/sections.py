@@ -49,6 +49,11 @@ def _pipeline() -> type:
     return PipelineConfig
 
 
+def _dashboard() -> type:
+    from emu.dashboard.config import DashboardConfig
+    return DashboardConfig
+
+
 def _train(name: str) -> Callable[[], type]:
     def load() -> type:
         from emu.train import config
@@ -70,4 +75,5 @@ SECTIONS: dict[str, Callable[[], type]] = {
     "instruct_gen": _train("InstructConfig"),  # Emu2-Gen (mode: gen)
     "evaluate": _evaluate,
     "pipeline": _pipeline,
+    "dashboard": _dashboard,
 }

@@ -179,15 +179,19 @@ def write_markdown_report(path: str | Path, title: str, sections: Sequence[Secti
                           overwrite: bool = False) -> Path:
     """A Markdown report. Images are files referenced relative to the report: a path already
     under the report's folder is linked in place, anything else is written to
-    `<stem>_files/figure_<n>.<ext>`."""
+    `<stem>_files/figure_<n>.<ext>`. Beside it, `<stem>.json` holds the same sections as data
+    (tables as cell strings, figures as relative file paths) for programs such as the dashboard."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise EmuError(f"{path} already exists; pass overwrite (--force) to replace it")
     root = path.parent.resolve()
     assets = path.parent / f"{path.stem}_files"
     lines = [f"# {title}", ""]
+    index: dict[str, Any] = {"title": title, "sections": []}
     figure_no = 0
     for section in sections:
+        entry: dict[str, Any] = {"heading": section.heading, "text": section.text, "tables": [], "figures": []}
+        index["sections"].append(entry)
         lines += [f"## {section.heading}", ""]
         if section.text:
             lines += [section.text, ""]
@@ -198,6 +202,8 @@ def write_markdown_report(path: str | Path, title: str, sections: Sequence[Secti
             lines.append("|" + "|".join(" --- " for _ in table.columns) + "|")
             lines += ["| " + " | ".join(_md_escape(table.cell(v)) for v in row) + " |" for row in table.rows]
             lines.append("")
+            entry["tables"].append({"caption": table.caption, "columns": [str(c) for c in table.columns],
+                                    "rows": [[table.cell(v) for v in row] for row in table.rows]})
         for figure in section.figures:
             figure_no += 1
             target = None
@@ -215,6 +221,8 @@ def write_markdown_report(path: str | Path, title: str, sections: Sequence[Secti
             lines += [f"![{alt}]({target.relative_to(root).as_posix()})", ""]
             if figure.caption:
                 lines += [f"*{figure.caption}*", ""]
+            entry["figures"].append({"file": target.relative_to(root).as_posix(), "caption": figure.caption})
+    _atomic_write(path.with_suffix(".json"), json.dumps(index, indent=1, ensure_ascii=False) + "\n", overwrite=True)
     return _atomic_write(path, "\n".join(lines).rstrip() + "\n", overwrite=True)
 
 

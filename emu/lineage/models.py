@@ -8,6 +8,7 @@ and datetimes stored as UTC (`UTCDateTime`: aware in and out, whatever the backe
           │                     └─< metrics
           └─< metrics (run-level, execution_id NULL)
     schedules ─< runs.schedule_id          audit_log      lineage_meta (schema version)
+    idempotency_keys (a write request's key -> what it created: a double submit starts one run)
 
 Tables are created with `create_all` on first use (emu.lineage.store). There are no migrations
 yet: `lineage_meta.schema_version` records the layout so that a future migration tool (Alembic)
@@ -28,10 +29,12 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "SCHEMA_VERSION", "RUN_STATUSES", "EXECUTION_STATUSES", "TERMINAL_STATUSES", "TRIGGERS", "BACKENDS",
     "ARTIFACT_TYPES", "DIRECTIONS", "Base", "Run", "StageExecution", "Artifact", "ArtifactLocation", "Edge",
-    "Metric", "Registration", "Schedule", "AuditEntry", "Meta", "utcnow",
+    "Metric", "Registration", "Schedule", "AuditEntry", "IdempotencyKey", "Meta", "utcnow",
 ]
 
 #: Layout version written to lineage_meta; bump with every change a migration must handle.
+#: (A new table is not such a change: `create_all` adds it to an existing database, and older
+#: code ignores it. idempotency_keys was added that way, within version 1.)
 SCHEMA_VERSION = 1
 
 RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -288,3 +291,22 @@ class AuditEntry(Base):
     request: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     #: `ok`, `denied`, `error: <message>`...
     outcome: Mapped[str] = mapped_column(Text)
+
+
+class IdempotencyKey(Base):
+    """A write request's idempotency key (the dashboard's retrain form carries one, API clients send
+    an `Idempotency-Key` header): the first request claims it, later ones with the same key get
+    the first one's result (e.g. its run id) instead of doing the work again. Keys expire (24 h)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("user", "action", "key", name="uq_idempotency_keys"),
+                      Index("ix_idempotency_keys_created_at", "created_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: Keys are scoped by user and action: one user's key never answers another's request.
+    user: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    #: What the first request produced (a run id); NULL while it is still being done.
+    result: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -31,11 +31,11 @@ import secrets
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,8 +44,8 @@ from sqlalchemy.pool import StaticPool
 from emu.lineage import LineageError
 from emu.lineage.cron import parse_cron
 from emu.lineage.models import (ARTIFACT_TYPES, BACKENDS, DIRECTIONS, EXECUTION_STATUSES, RUN_STATUSES, SCHEMA_VERSION, TERMINAL_STATUSES,
-                                TRIGGERS, Artifact, ArtifactLocation, AuditEntry, Base, Edge, Meta, Metric,
-                                Registration, Run, Schedule, StageExecution, utcnow)
+                                TRIGGERS, Artifact, ArtifactLocation, AuditEntry, Base, Edge, IdempotencyKey, Meta,
+                                Metric, Registration, Run, Schedule, StageExecution, utcnow)
 
 __all__ = ["LineageStore", "default_url", "resolve_url", "config_md5", "new_run_id", "valid_md5"]
 
@@ -229,6 +229,12 @@ class LineageStore:
         """The run, or None."""
         with self.session() as s:
             return s.get(Run, run_id)
+
+    def get_run_by_kfp_id(self, kfp_run_id: str) -> Run | None:
+        """The run recorded for a KFP run id (a run submitted to a cluster), or None."""
+        with self.session() as s:
+            return s.scalars(select(Run).where(Run.kfp_run_id == kfp_run_id)
+                             .order_by(Run.created_at.desc()).limit(1)).first()
 
     def list_runs(self, *, status: str | None = None, trigger: str | None = None, since: datetime | None = None,
                   schedule_id: str | None = None, pipeline: str | None = None, limit: int | None = 50) -> list[Run]:
@@ -584,6 +590,57 @@ class LineageStore:
             query = query.limit(limit)
         with self.session() as s:
             return list(s.scalars(query))
+
+
+    # ------------------------------------------------------------------ idempotency keys
+
+    #: How long a key answers repeats of its request.
+    IDEMPOTENCY_TTL = timedelta(hours=24)
+
+    def claim_idempotency_key(self, key: str, user: str, action: str, *, ttl: timedelta | None = None,
+                              now: datetime | None = None) -> tuple[bool, str | None]:
+        """Claim `key` for `user`'s `action` (one transaction holding the write lock, so two
+        concurrent requests cannot both claim it). Returns `(True, None)` when this call claimed
+        it: do the work, then `complete_idempotency_key` with what it produced (or
+        `release_idempotency_key` if nothing was produced). Returns `(False, result)` when an
+        earlier request within `ttl` (default 24 h) holds it: `result` is what that one
+        produced, None while it is still being done. Expired keys are removed here."""
+        if not key or len(key) > 255:
+            raise LineageError("an idempotency key must be 1 to 255 characters")
+        if not user or not action:
+            raise LineageError("an idempotency key needs a user and an action")
+        now = _aware("now", now) or utcnow()
+        cutoff = now - (ttl if ttl is not None else self.IDEMPOTENCY_TTL)
+        try:
+            with self.session(write=True) as s:
+                s.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
+                held = s.scalar(select(IdempotencyKey).where(IdempotencyKey.user == user,
+                                                             IdempotencyKey.action == action,
+                                                             IdempotencyKey.key == key))
+                if held is not None:
+                    return False, held.result
+                s.add(IdempotencyKey(user=user, action=action, key=key, result=None, created_at=now))
+                return True, None
+        except IntegrityError:  # PostgreSQL: another transaction inserted it between our read and write
+            with self.session() as s:
+                held = s.scalar(select(IdempotencyKey.result).where(
+                    IdempotencyKey.user == user, IdempotencyKey.action == action, IdempotencyKey.key == key))
+            return False, held
+
+    def complete_idempotency_key(self, key: str, user: str, action: str, result: str) -> None:
+        """Record what the request that claimed `key` produced (what repeats will get)."""
+        with self.session(write=True) as s:
+            held = s.scalar(select(IdempotencyKey).where(IdempotencyKey.user == user, IdempotencyKey.action == action,
+                                                         IdempotencyKey.key == key))
+            if held is None:
+                raise LineageError(f"idempotency key {key!r} of {user}/{action} was not claimed")
+            held.result = result
+
+    def release_idempotency_key(self, key: str, user: str, action: str) -> None:
+        """Give up a claimed key whose request produced nothing (so that it can be retried)."""
+        with self.session(write=True) as s:
+            s.execute(delete(IdempotencyKey).where(IdempotencyKey.user == user, IdempotencyKey.action == action,
+                                                   IdempotencyKey.key == key, IdempotencyKey.result.is_(None)))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -42,6 +42,11 @@ CONFIG_PARAMETERS = {
 }
 #: Pipeline tasks in graph order (KFP task names).
 TASKS = ("prepare", "validate", "stage1", "precompute", "stage2", "decoder", "instruct", "evaluate", "register")
+#: The graph's dependencies (producer, consumer), as pipelines/emu_pipeline.py wires them (a test
+#: checks them against the compiled YAML): stage 2 and the decoder run in parallel after stage 1.
+TASK_EDGES = (("prepare", "validate"), ("validate", "stage1"), ("stage1", "precompute"), ("precompute", "stage2"),
+              ("stage1", "decoder"), ("stage2", "instruct"), ("precompute", "instruct"), ("instruct", "evaluate"),
+              ("decoder", "evaluate"), ("evaluate", "register"))
 #: Variables of a torch.distributed process group (set by launchers and emu.train.engine).
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: Where the code lives whose change must invalidate the cache.
@@ -230,6 +235,34 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
     log.info("run %s %s in %.0f s", run.id, status, time.perf_counter() - started)
     return RunOutcome(run_id=run.id, status=status, tasks=tasks, evaluation=evaluation_of(store, run.id),
                       artifacts_dir=home / "kfp", error=error)
+
+
+def launch_background(run_id: str, preset: str, data: str = "", overrides: list[str] = (),
+                      log_path: Path | None = None) -> subprocess.Popen:
+    """`emu run` in its own process (own session: it outlives its launcher) for a run already
+    recorded in the lineage store (EMU_RUN_ID): how the scheduler and the dashboard start runs.
+    Its output goes to `log_path` (default $EMU_HOME/logs/RUN_ID.log)."""
+    import sys
+
+    command = [sys.executable, "-m", "emu.cli", "run", "--preset", preset]
+    if data:
+        command += ["--data", data]
+    command += list(overrides)
+    env = {**os.environ, "EMU_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
+    for name in DISTRIBUTED_ENV:
+        env.pop(name, None)
+    log_path = Path(log_path) if log_path else run_log_path(run_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=ROOT, start_new_session=True)
+
+
+def run_log_path(run_id: str) -> Path:
+    """Where a background run's console output goes."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", run_id):
+        raise EmuError(f"run id {run_id!r} is not a valid file name")
+    return emu_home() / "logs" / f"{run_id}.log"
 
 
 def record_cached_tasks(store, run_id: str, cached: dict[str, str], cache_root: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import getpass
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -112,16 +111,10 @@ def run_scheduler(once: bool = False, poll_seconds: float = 5.0, echo: Callable[
 
 
 def _launch(run_id: str, params: dict) -> subprocess.Popen:
-    """`emu run` in its own process for a run the scheduler already recorded (EMU_RUN_ID)."""
-    command = [sys.executable, "-m", "emu.cli", "run", "--preset", params.get("preset", "tiny")]
-    if params.get("data"):
-        command += ["--data", params["data"]]
-    command += list(params.get("overrides", []))
-    env = {**os.environ, "EMU_RUN_ID": run_id}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    from emu.pipeline.runner import launch_background
+
+    return launch_background(run_id, params.get("preset", "tiny"), params.get("data", ""),
+                             list(params.get("overrides", [])))
 
 
 def _client(host: str):

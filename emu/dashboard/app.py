@@ -1,0 +1,530 @@
+"""The dashboard web app (FastAPI, server-rendered HTML and SVG, no JavaScript, nothing from a CDN).
+
+Pages: runs (filters), a run (stage graph with live status, loss and learning-rate curves per
+stage, evaluation against the previous run and production, example answers, generated images and
+reconstructions, resolved config and its diff, artifacts with md5 and restore command, console
+log), lineage (any run or artifact, navigable), retrain, schedules, audit log, login.
+
+Security model (see emu.dashboard.auth for the primitives):
+- Reads: open on loopback outside production mode, else login required (DashboardConfig.read_access).
+- Writes (retrain, schedule changes, promotion, logout) need an authenticated user: a session
+  cookie from /login, or `Authorization: Bearer <token>` for API clients. Cookie-authenticated
+  writes also need the session's CSRF token (form field `csrf_token` or header `X-CSRF-Token`),
+  and a cross-site Origin is refused. 401 without a user, 403 for a bad CSRF token or origin.
+- Every authenticated write is appended to the audit log with the user, the time, the request
+  (secrets redacted) and the outcome.
+- Files are served only from the report/metrics artifacts a run recorded, resolved inside the
+  artifact's folder: anything else (traversal, other runs' artifacts, models) is 404.
+- A retrain carries an idempotency key: a double submit starts one run.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from emu.dashboard import views
+from emu.dashboard.auth import LoginThrottle, Session, SessionSigner, sanitize, token_digest, verify_password
+from emu.dashboard.config import SECRET_ENV, DashboardConfig
+from emu.dashboard.launch import Launcher, RetrainRequest, log_tail, offered_presets, parse_overrides
+from emu.errors import ConfigError, EmuError
+from emu.lineage import LineageError
+from emu.lineage.models import RUN_STATUSES, TRIGGERS
+from emu.lineage.store import LineageStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "COOKIE"]
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "emu_session"
+#: Pages of active runs reload themselves this often (seconds): live status without JavaScript.
+REFRESH_SECONDS = 3
+#: Content-Security-Policy of the app's pages: only its own stylesheet and images, no scripts.
+PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'")
+#: Served artifact files (e.g. the self-contained HTML report with its inline styles) run sandboxed.
+FILE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; sandbox"
+
+
+class _Denied(Exception):
+    """A write refused before it ran: 401 (no user) or 403 (CSRF, origin)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(config: DashboardConfig, *, store: LineageStore | None = None, launcher: Launcher | None = None,
+               secret: str | None = None) -> FastAPI:
+    """The app. `store` defaults to the lineage store of EMU_LINEAGE_URL (else $EMU_HOME's SQLite);
+    `launcher` to one starting runs on `config.backend`; `secret` (signs cookies) to
+    EMU_DASHBOARD_SECRET, else a random one (sessions then end when the process does)."""
+    if config.production and not (config.users or config.tokens):
+        raise ConfigError("dashboard.production is set but no users or tokens are configured "
+                          "(EMU_DASHBOARD_USERS / EMU_DASHBOARD_TOKENS): production mode has no default credentials")
+    if store is None:
+        from emu.pipeline.runner import emu_home
+
+        url = os.environ.get("EMU_LINEAGE_URL") or f"sqlite:///{emu_home() / 'lineage.db'}"
+        (emu_home()).mkdir(parents=True, exist_ok=True)
+        store = LineageStore(url)
+    launcher = launcher or Launcher(config, store)
+    signer = SessionSigner(secret or os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32))
+    throttle = LoginThrottle(config.max_failed_logins)
+    lifetime = timedelta(hours=config.session_hours).total_seconds()
+
+    app = FastAPI(title="Emu dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["when"] = _when
+    templates.env.filters["num"] = _num
+    templates.env.filters["size"] = _size
+
+    # ------------------------------------------------------------------ sessions and identity
+
+    @app.middleware("http")
+    async def session_middleware(request: Request, call_next):
+        session = signer.loads(request.cookies.get(COOKIE))
+        fresh = session is None
+        if fresh:
+            session = Session.new(None, lifetime)
+        request.state.session = session
+        request.state.set_session = None
+        response = await call_next(request)
+        chosen = request.state.set_session
+        if chosen is not None or fresh:
+            _set_cookie(response, signer.dumps(chosen or session), config)
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
+
+    def bearer_user(request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return None
+        digest = token_digest(header[7:].strip())
+        for known, user in config.tokens.items():
+            if hmac.compare_digest(known, digest):
+                return user
+        return None
+
+    def user_of(request: Request) -> str | None:
+        """The authenticated user: a valid bearer token, else a logged-in session whose user still exists."""
+        user = bearer_user(request)
+        if user is not None:
+            return user
+        session: Session = request.state.session
+        return session.user if session.user is not None and session.user in config.users else None
+
+    def check_read(request: Request) -> None:
+        if config.reads_need_login and user_of(request) is None:
+            raise HTTPException(401, "log in to see this page")
+
+    async def writer(request: Request) -> tuple[str, dict[str, Any]]:
+        """(user, form fields) of a write request, or _Denied."""
+        form = dict(await request.form()) if _is_form(request) else {}
+        user = user_of(request)
+        if user is None:
+            raise _Denied(401, "authentication required: log in, or send Authorization: Bearer <token>")
+        if bearer_user(request) is None:  # cookie-authenticated: a browser, so CSRF and origin checks
+            origin = request.headers.get("origin")
+            if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
+                raise _Denied(403, f"cross-site request from {origin} refused")
+            sent = str(form.get("csrf_token") or request.headers.get("x-csrf-token") or "")
+            if not sent or not hmac.compare_digest(sent, request.state.session.csrf):
+                raise _Denied(403, "CSRF token missing or wrong: reload the page and submit again")
+        return user, {k: v for k, v in form.items() if isinstance(v, str)}
+
+    def audit(user: str, action: str, target: str | None, request: Request, fields: dict[str, Any],
+              outcome: str) -> None:
+        store.audit(user, action, target, sanitize({"method": request.method, "path": request.url.path,
+                                                    "client": request.client.host if request.client else None,
+                                                    "fields": fields}), outcome)
+
+    def page(request: Request, name: str, code: int = 200, **context: Any) -> HTMLResponse:
+        session: Session = request.state.session
+        return templates.TemplateResponse(request, name, {
+            "user": user_of(request), "csrf": session.csrf, "backend": config.backend,
+            "can_write": bool(config.users or config.tokens), **context}, status_code=code)
+
+    def denied(request: Request, exc: _Denied) -> Response:
+        if _wants_json(request):
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return page(request, "error.html", exc.status, title="Not allowed", message=exc.message,
+                    login=exc.status == 401)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 401 and not _wants_json(request) and request.method == "GET":
+            return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+        if _wants_json(request):
+            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return page(request, "error.html", exc.status_code, title=f"{exc.status_code}", message=str(exc.detail),
+                    login=False)
+
+    # ------------------------------------------------------------------ login
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/runs"):
+        return page(request, "login.html", next=_safe_next(next), error=None)
+
+    @app.post("/login")
+    async def login(request: Request):
+        form = await request.form()
+        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        target = _safe_next(str(form.get("next", "/runs")))
+        sent = str(form.get("csrf_token", ""))
+        if not sent or not hmac.compare_digest(sent, request.state.session.csrf):
+            return page(request, "login.html", 403, next=target, error="CSRF token missing or wrong: reload the page")
+        if throttle.blocked(name):
+            return page(request, "login.html", 429, next=target, error="too many failed logins; try again later")
+        if not verify_password(password, config.users.get(name)):
+            throttle.failed(name)
+            log.warning("failed dashboard login for %r from %s", name, request.client.host if request.client else "?")
+            return page(request, "login.html", 401, next=target, error="wrong user name or password")
+        throttle.succeeded(name)
+        signer.revoke(request.state.session)  # a new session id and CSRF token at privilege change
+        request.state.set_session = Session.new(name, lifetime)
+        audit(name, "auth.login", None, request, {"username": name}, "ok")
+        return RedirectResponse(target, status_code=303)
+
+    @app.post("/logout")
+    async def logout(request: Request):
+        try:
+            user, _ = await writer(request)
+        except _Denied as exc:
+            return denied(request, exc)
+        signer.revoke(request.state.session)
+        request.state.set_session = Session.new(None, lifetime)
+        audit(user, "auth.logout", None, request, {}, "ok")
+        return RedirectResponse("/runs", status_code=303)
+
+    # ------------------------------------------------------------------ runs
+
+    @app.get("/")
+    def home():
+        return RedirectResponse("/runs", status_code=303)
+
+    @app.get("/runs", response_class=HTMLResponse)
+    def runs(request: Request, status: str = "", trigger: str = "", limit: int = 50):
+        check_read(request)
+        if status and status not in RUN_STATUSES:
+            raise HTTPException(400, f"status must be one of {', '.join(RUN_STATUSES)}")
+        if trigger and trigger not in TRIGGERS:
+            raise HTTPException(400, f"trigger must be one of {', '.join(TRIGGERS)}")
+        found = store.list_runs(status=status or None, trigger=trigger or None, limit=max(1, min(limit, 500)))
+        rows = [views.run_row(store, r) for r in found]
+        active = any(r["status"] in ("pending", "running") for r in rows)
+        return page(request, "runs.html", rows=rows, status=status, trigger=trigger, statuses=RUN_STATUSES,
+                    triggers=TRIGGERS, headline=views.HEADLINE_METRICS, refresh=REFRESH_SECONDS if active else None,
+                    production=store.production())
+
+    def run_or_404(run_id: str):
+        run = store.get_run(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id!r}")
+        return run
+
+    @app.get("/runs/{run_id}", response_class=HTMLResponse)
+    def run_page(request: Request, run_id: str):
+        check_read(request)
+        run = run_or_404(run_id)
+        executions = store.list_executions(run.id)
+        previous = views.previous_run(store, run)
+        active = run.status in ("pending", "running")
+        return page(request, "run.html", run=run, refresh=REFRESH_SECONDS if active else None,
+                    row=views.run_row(store, run), graph=views.stage_graph(executions, run.status),
+                    executions=executions, curves=views.curves(store, executions),
+                    evaluation=views.evaluation_table(store, run, executions),
+                    report=views.report(store, run, executions), config=views.config_diff(run, previous),
+                    artifacts=views.artifacts(store, run, executions), log=log_tail(run.id),
+                    duration=views.duration_text)
+
+    @app.get("/api/runs/{run_id}")
+    def run_json(request: Request, run_id: str):
+        check_read(request)
+        run = run_or_404(run_id)
+        row = views.run_row(store, run)
+        return {"id": run.id, "status": run.status, "trigger": run.trigger, "triggered_by": run.triggered_by,
+                "error": run.error, "stages": row["stages"], "metrics": row["metrics"]}
+
+    @app.get("/runs/{run_id}/files/{artifact_id}/{path:path}")
+    def run_file(request: Request, run_id: str, artifact_id: str, path: str):
+        check_read(request)
+        found = views.run_file(store, run_id, int(artifact_id), path) if artifact_id.isdigit() else None
+        if found is None:
+            raise HTTPException(404, "no such file in this run's reports")
+        response = FileResponse(found)
+        response.headers["Content-Security-Policy"] = FILE_CSP
+        return response
+
+    @app.post("/runs/{run_id}/promote")
+    async def promote(request: Request, run_id: str):
+        try:
+            user, fields = await writer(request)
+        except _Denied as exc:
+            return denied(request, exc)
+        run = run_or_404(run_id)
+        try:
+            version = _promote(store, run)
+        except EmuError as exc:
+            audit(user, "model.promote", run_id, request, fields, f"refused: {exc}")
+            raise HTTPException(409, str(exc)) from None
+        audit(user, "model.promote", run_id, request, fields, f"ok: {version}")
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+    # ------------------------------------------------------------------ lineage
+
+    @app.get("/lineage", response_class=HTMLResponse)
+    def lineage(request: Request, target: str = "", direction: str = "up"):
+        check_read(request)
+        from emu.lineage.query import show
+
+        if direction not in ("up", "down"):
+            raise HTTPException(400, "direction must be up or down")
+        graph, drawing, error = None, None, None
+        if target:
+            try:
+                graph = show(store, target, direction)
+                drawing = views.lineage_svg(graph)
+            except (LineageError, EmuError) as exc:
+                error = str(exc)
+        return page(request, "lineage.html", 404 if error else 200, target=target, direction=direction,
+                    graph=graph, drawing=drawing, error=error,
+                    registrations=store.registrations()[:20], recent=store.list_runs(limit=10))
+
+    # ------------------------------------------------------------------ retrain
+
+    def retrain_page(request: Request, code: int = 200, error: str | None = None, values: dict | None = None):
+        values = values or {"preset": "tiny", "data": "", "overrides": ""}
+        return page(request, "retrain.html", code, presets=list(offered_presets(config)), error=error,
+                    values=values, idempotency_key=uuid.uuid4().hex)
+
+    @app.get("/retrain", response_class=HTMLResponse)
+    def retrain_form(request: Request):
+        if user_of(request) is None:
+            return RedirectResponse("/login?next=/retrain", status_code=303)
+        return retrain_page(request)
+
+    @app.post("/retrain")
+    async def retrain(request: Request):
+        try:
+            user, fields = await writer(request)
+        except _Denied as exc:
+            return denied(request, exc)
+        body = fields or await _json_body(request)
+        wanted = RetrainRequest(preset=str(body.get("preset") or "tiny"), data=str(body.get("data") or ""),
+                                overrides=_overrides_of(body.get("overrides")))
+        key = str(body.get("idempotency_key") or request.headers.get("idempotency-key") or "")
+        try:
+            launcher.check(wanted)
+        except (ConfigError, EmuError) as exc:
+            audit(user, "run.start", None, request, fields or body, f"refused: {exc}")
+            if _wants_json(request):
+                return JSONResponse({"error": str(exc)}, status_code=422)
+            return retrain_page(request, 422, str(exc), {**body, "overrides": "\n".join(wanted.overrides)})
+        if key:
+            try:
+                claimed, earlier = store.claim_idempotency_key(key, user, "run.start")
+            except LineageError as exc:
+                raise HTTPException(400, str(exc)) from None
+            if not claimed:
+                audit(user, "run.start", earlier, request, fields or body, "duplicate: idempotency key already used")
+                if earlier is None:
+                    raise HTTPException(409, "this retrain request is already being started")
+                return _started(request, earlier, duplicate=True)
+        try:
+            run_id = launcher.start(wanted, user)
+        except Exception as exc:
+            if key:
+                store.release_idempotency_key(key, user, "run.start")
+            audit(user, "run.start", None, request, fields or body, f"error: {type(exc).__name__}: {exc}")
+            raise HTTPException(500, f"could not start the run: {exc}") from None
+        if key:
+            store.complete_idempotency_key(key, user, "run.start", run_id)
+        audit(user, "run.start", run_id, request, fields or body, "ok")
+        return _started(request, run_id, duplicate=False)
+
+    # ------------------------------------------------------------------ schedules
+
+    @app.get("/schedules", response_class=HTMLResponse)
+    def schedules(request: Request):
+        check_read(request)
+        return schedules_page(request)
+
+    def schedules_page(request: Request, code: int = 200, error: str | None = None, values: dict | None = None):
+        rows = []
+        for s in store.list_schedules():
+            last = store.get_run(s.last_run_id) if s.last_run_id else None
+            rows.append({"schedule": s, "last": last})
+        return page(request, "schedules.html", code, rows=rows, error=error, presets=list(offered_presets(config)),
+                    values=values or {"name": "", "cron": "0 3 * * *", "preset": "tiny", "data": "", "overrides": ""})
+
+    @app.post("/schedules")
+    async def create_schedule(request: Request):
+        try:
+            user, fields = await writer(request)
+        except _Denied as exc:
+            return denied(request, exc)
+        body = fields or await _json_body(request)
+        wanted = RetrainRequest(preset=str(body.get("preset") or "tiny"), data=str(body.get("data") or ""),
+                                overrides=_overrides_of(body.get("overrides")))
+        try:
+            run = launcher.check(wanted)
+            schedule = store.create_schedule(str(body.get("name") or ""), str(body.get("cron") or ""),
+                                             parameters={"preset": run.preset, "data": run.source,
+                                                         "overrides": run.overrides},
+                                             created_by=user, preset=run.preset)
+        except (ConfigError, EmuError, LineageError) as exc:
+            audit(user, "schedule.create", None, request, fields or body, f"refused: {exc}")
+            if _wants_json(request):
+                return JSONResponse({"error": str(exc)}, status_code=422)
+            return schedules_page(request, 422, str(exc), {**body, "overrides": "\n".join(wanted.overrides)})
+        audit(user, "schedule.create", schedule.id, request, fields or body, "ok")
+        if _wants_json(request):
+            return JSONResponse({"id": schedule.id, "name": schedule.name}, status_code=201)
+        return RedirectResponse("/schedules", status_code=303)
+
+    @app.post("/schedules/{schedule_id}/{action}")
+    async def change_schedule(request: Request, schedule_id: str, action: str):
+        if action not in ("pause", "resume", "delete"):
+            raise HTTPException(404, f"no schedule action {action!r}")
+        try:
+            user, fields = await writer(request)
+        except _Denied as exc:
+            return denied(request, exc)
+        try:
+            if action == "delete":
+                store.delete_schedule(schedule_id)
+            else:
+                store.set_paused(schedule_id, action == "pause")
+        except LineageError as exc:
+            audit(user, f"schedule.{action}", schedule_id, request, fields, f"refused: {exc}")
+            raise HTTPException(404, str(exc)) from None
+        audit(user, f"schedule.{action}", schedule_id, request, fields, "ok")
+        if _wants_json(request):
+            return JSONResponse({"id": schedule_id, "action": action})
+        return RedirectResponse("/schedules", status_code=303)
+
+    # ------------------------------------------------------------------ audit
+
+    @app.get("/audit", response_class=HTMLResponse)
+    def audit_log(request: Request, user: str = "", action: str = "", limit: int = 200):
+        check_read(request)
+        entries = store.audit_entries(user=user or None, action=action or None, limit=max(1, min(limit, 1000)))
+        return page(request, "audit.html", entries=entries, filter_user=user, filter_action=action,
+                    dumps=lambda value: json.dumps(value, sort_keys=True))
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    def healthz():
+        return "ok"
+
+    app.state.store, app.state.launcher, app.state.signer = store, launcher, signer
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _started(request: Request, run_id: str, *, duplicate: bool) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"run_id": run_id, "duplicate": duplicate}, status_code=200 if duplicate else 201)
+    return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+
+def _promote(store: LineageStore, run) -> str:
+    """Make `run`'s evaluated model and decoder production (what the pipeline's gate does
+    automatically; here a person decides, and the audit log says who)."""
+    if run.status != "succeeded":
+        raise EmuError(f"run {run.id} is {run.status}; only a succeeded run's model can be promoted")
+    executions = store.list_executions(run.id)
+    rows = views.artifacts(store, run, executions)
+    model = next((r for r in rows if r["stage"] == "instruct" and r["type"] == "model"), None)
+    decoder = next((r for r in rows if r["stage"] == "decoder" and r["type"] == "decoder"), None)
+    evaluation = views.evaluation_of(store, executions)
+    if model is None or not evaluation:
+        raise EmuError(f"run {run.id} has no evaluated instruction-tuned model to promote")
+    metrics = {k: v for k, v in evaluation.items() if k != "gate_passed"}
+    return store.promote(run.id, model_md5=model["md5"], decoder_md5=decoder["md5"] if decoder else None,
+                         metrics=metrics)
+
+
+def _overrides_of(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return parse_overrides(str(value or ""))
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    if "application/json" not in request.headers.get("content-type", ""):
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the request body must be a JSON object")
+    return body
+
+
+def _is_form(request: Request) -> bool:
+    kind = request.headers.get("content-type", "")
+    return kind.startswith("application/x-www-form-urlencoded") or kind.startswith("multipart/form-data")
+
+
+def _wants_json(request: Request) -> bool:
+    return (request.url.path.startswith("/api/") or "application/json" in request.headers.get("content-type", "")
+            or request.headers.get("accept", "").startswith("application/json"))
+
+
+def _safe_next(target: str) -> str:
+    """Only same-site paths after login (no open redirect to another host)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/runs"
+    return target
+
+
+def _set_cookie(response: Response, value: str, config: DashboardConfig) -> None:
+    response.set_cookie(COOKIE, value, max_age=int(config.session_hours * 3600), httponly=True, samesite="lax",
+                        secure=config.cookie_secure, path="/")
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)

@@ -1,0 +1,117 @@
+"""Retraining from the dashboard: check a request, then start a pipeline run on the configured
+backend, recorded in the lineage store with the dashboard user as its trigger.
+
+- `local`: the run is recorded (pending) first, then `emu run` starts in its own process (as
+  `emu scheduler` starts runs); a watcher thread marks the run failed, with the end of its log,
+  if that process dies before the run could record its own outcome.
+- `kfp`: the compiled pipeline is submitted to the cluster (emu.pipeline.runner.submit).
+
+Requests are checked before anything starts: the preset must be one the dashboard offers (a user
+cannot point it at an arbitrary file), and every override must be `section.key=value` with a
+known key and a value of the key's type (ConfigError naming the key otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emu.config import preset_path
+from emu.dashboard.config import DashboardConfig
+from emu.errors import ConfigError
+from emu.lineage.store import LineageStore
+from emu.pipeline.runner import ROOT, RunRequest, launch_background, parameters, run_log_path, submit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RetrainRequest", "Launcher", "offered_presets", "parse_overrides"]
+
+_MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
+
+
+@dataclass
+class RetrainRequest:
+    preset: str = "tiny"
+    #: Training data: a shard folder, an s3:// URI or a DVC md5; "" = the synthetic shapes world.
+    data: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+def offered_presets(config: DashboardConfig) -> dict[str, str]:
+    """Preset name -> what `emu run --preset` gets: the shipped presets and the configured extras."""
+    offered = {path.stem: path.stem for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    for extra in config.presets:
+        offered[Path(extra).stem] = str(Path(extra).resolve())
+    return offered
+
+
+def parse_overrides(text: str) -> list[str]:
+    """One `section.key=value` per line (blank lines and `#` comments ignored)."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+class Launcher:
+    """Starts retrains for the dashboard (one per app)."""
+
+    def __init__(self, config: DashboardConfig, store: LineageStore) -> None:
+        self.config, self.store = config, store
+        self._watchers: list[threading.Thread] = []
+
+    def check(self, request: RetrainRequest) -> RunRequest:
+        """The run `request` asks for, or ConfigError saying what is wrong with it."""
+        presets = offered_presets(self.config)
+        if request.preset not in presets:
+            raise ConfigError(f"preset {request.preset!r} is not offered; choose one of {', '.join(presets)}")
+        data = request.data.strip()
+        if data and not (data.startswith("s3://") or _MD5.fullmatch(data) or Path(data).is_dir()):
+            raise ConfigError(f"data {data!r} is neither a shard folder on this machine, an s3:// URI nor a DVC md5")
+        run = RunRequest(preset=presets[request.preset], source=data, overrides=list(request.overrides),
+                         trigger="dashboard", host=self.config.kfp_host if self.config.backend == "kfp" else "")
+        preset_path(run.preset)  # exists
+        parameters(run)          # every override: known section and key, value of the right type
+        return run
+
+    def start(self, request: RetrainRequest, user: str) -> str:
+        """Start the run; returns its lineage run id."""
+        run = self.check(request)
+        run.triggered_by = user
+        if self.config.backend == "kfp":
+            kfp_run_id = submit(run)
+            recorded = self.store.get_run_by_kfp_id(kfp_run_id)
+            if recorded is None:
+                raise ConfigError(f"KFP run {kfp_run_id} was submitted but not recorded in the lineage store")
+            return recorded.id
+        recorded = self.store.create_run(trigger="dashboard", triggered_by=user, preset=run.preset, status="pending",
+                                         parameters={"source": run.source, "overrides": list(run.overrides)})
+        process = launch_background(recorded.id, run.preset, run.source, run.overrides)
+        watcher = threading.Thread(target=self._watch, args=(recorded.id, process), daemon=True,
+                                   name=f"watch-{recorded.id}")
+        watcher.start()
+        self._watchers.append(watcher)
+        return recorded.id
+
+    def _watch(self, run_id: str, process) -> None:
+        code = process.wait()
+        run = self.store.get_run(run_id)
+        if run is not None and run.status in ("pending", "running") and code != 0:
+            tail = log_tail(run_id, lines=5)
+            self.store.update_run(run_id, status="failed",
+                                  error=f"`emu run` exited with code {code} before recording an outcome: {tail}")
+            log.warning("run %s: emu run exited with %s", run_id, code)
+
+
+def log_tail(run_id: str, lines: int = 40) -> str:
+    """The last lines of a background run's console output ("" when it has none)."""
+    path = run_log_path(run_id)
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    # Progress bars rewrite their line with carriage returns: keep each line's last state.
+    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
