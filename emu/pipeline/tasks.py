@@ -366,6 +366,10 @@ def register_task(*, model_md5: str, decoder_md5: str, evaluation) -> str:
         values = {k: v for k, v in (evaluation.metadata or {}).items() if isinstance(v, (int, float))
                   and not isinstance(v, bool) and k != "gate_passed"}
         version = store.promote(run.run_id, model_md5=model_md5, decoder_md5=decoder_md5, metrics=values)
+        started = store.get_run(run.run_id)
+        # The audit log names whoever started the run whose gate promoted this model.
+        store.audit((started.triggered_by if started else None) or "pipeline", "model.promote", run.run_id,
+                    {"model_md5": model_md5, "decoder_md5": decoder_md5, "by": "evaluation gate"}, f"ok: {version}")
         log.info("registered %s as production (model %s, decoder %s)", version, model_md5, decoder_md5)
         return version
 
