@@ -148,7 +148,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
                 raise _Denied(403, f"cross-site request from {origin} refused")
             sent = str(form.get("csrf_token") or request.headers.get("x-csrf-token") or "")
-            if not sent or not hmac.compare_digest(sent, request.state.session.csrf):
+            if not _same_token(sent, request.state.session.csrf):
                 raise _Denied(403, "CSRF token missing or wrong: reload the page and submit again")
         return user, {k: v for k, v in form.items() if isinstance(v, str)}
 
@@ -191,7 +191,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         target = _safe_next(str(form.get("next", "/runs")))
         sent = str(form.get("csrf_token", ""))
-        if not sent or not hmac.compare_digest(sent, request.state.session.csrf):
+        if not _same_token(sent, request.state.session.csrf):
             return page(request, "login.html", 403, next=target, error="CSRF token missing or wrong: reload the page")
         if throttle.blocked(name):
             return page(request, "login.html", 429, next=target, error="too many failed logins; try again later")
@@ -464,6 +464,11 @@ def _promote(store: LineageStore, run) -> str:
     metrics = {k: v for k, v in evaluation.items() if k != "gate_passed"}
     return store.promote(run.id, model_md5=model["md5"], decoder_md5=decoder["md5"] if decoder else None,
                          metrics=metrics)
+
+
+def _same_token(sent: str, expected: str) -> bool:
+    """Constant-time comparison of a submitted token (any characters) with the session's."""
+    return bool(sent) and hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8"))
 
 
 def _overrides_of(value: Any) -> list[str]:

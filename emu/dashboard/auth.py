@@ -138,7 +138,7 @@ class SessionSigner:
 
     def loads(self, cookie: str | None) -> Session | None:
         """The session of a cookie, or None if it is missing, tampered with, expired or revoked."""
-        if not cookie or cookie.count(".") != 1 or len(cookie) > 4096:
+        if not cookie or not cookie.isascii() or cookie.count(".") != 1 or len(cookie) > 4096:
             return None
         payload, signature = cookie.split(".")
         if not hmac.compare_digest(signature, self._sign(payload)):
@@ -212,7 +212,7 @@ def sanitize(request: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, Mapping):
             out[str(key)] = sanitize(value)
         elif isinstance(value, (list, tuple)):
-            out[str(key)] = [_cut(v) for v in value][:200]
+            out[str(key)] = [sanitize(v) if isinstance(v, Mapping) else _cut(v) for v in value[:200]]
         else:
             out[str(key)] = _cut(value)
     return out

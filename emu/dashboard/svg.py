@@ -12,6 +12,7 @@ presentation attributes that the dashboard's stylesheet may override through the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,13 +27,18 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#0
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 
 
+#: Characters XML 1.0 forbids (C0 controls other than tab, newline, carriage return), e.g. the
+#: ANSI colour codes of a log line used as a label.
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
 def _attr(value: object) -> str:
     """An attribute value, escaped for double quotes."""
-    return escape(str(value), {'"': "&quot;"})
+    return escape(_NOT_XML.sub("", str(value)), {'"': "&quot;"})
 
 
 def _text(value: object) -> str:
-    return escape(str(value))
+    return escape(_NOT_XML.sub("", str(value)))
 
 
 def _num(value: float) -> str:
@@ -45,26 +51,30 @@ def _num(value: float) -> str:
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]."""
+    """About `count` round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]. A range too
+    narrow for float steps (a constant learning rate that differs in the last bit) is widened
+    around its value; one too wide for a float span gets just its ends."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("tick range must be finite")
     if hi < lo:
         lo, hi = hi, lo
-    if hi == lo:
-        pad = abs(lo) * 0.1 or 1.0
+    if not math.isfinite(hi - lo):
+        return [lo, hi]
+    if hi - lo <= max(abs(lo), abs(hi)) * 1e-9 or hi - lo < 1e-300:
+        pad = max(abs(lo), abs(hi)) * 0.1 or 1.0
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    start = math.floor(lo / step) * step
-    ticks = []
-    value = start
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(ticks[-1] + step, 12))
-    return ticks
+    # Ticks as multiples of the step (not a running sum: no drift, and always finite in number).
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [_round(k * step, step) for k in range(first, last + 1)]
+
+
+def _round(value: float, step: float) -> float:
+    """`value` without the float noise of k * step (0.30000000000000004 -> 0.3)."""
+    digits = max(0, 12 - int(math.floor(math.log10(step))))
+    return round(value, min(digits, 300)) if abs(value) >= step / 2 else 0.0
 
 
 def _fmt(value: float) -> str:
@@ -116,7 +126,7 @@ def line_chart(series: Mapping[str, Iterable[tuple[float, float]]], *, title: st
     if title:
         parts.append(f'<text class="chart-title" x="{left}" y="16" font-size="13" font-weight="600" '
                      f'fill="#222">{_text(title)}</text>')
-    for i, name in enumerate(clean):
+    for i, name in enumerate(clean if legend_rows else ()):
         color = PALETTE[i % len(PALETTE)]
         lx = left + (i % 3) * (plot_w / 3)
         ly = (26 if title else 10) + 16 * (i // 3) + 2
@@ -270,7 +280,10 @@ def _layout(ids: list[str], edges: list[tuple[str, str]]) -> _Layout:
 
 
 def _dom_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    """A DOM id for `text`: itself when it is already safe, else a safe form plus a hash of the
+    original (so "a b" and "a_b" never share an id)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def layered_graph(nodes: Sequence[GraphNode], edges: Iterable[GraphEdge | tuple[str, str]], *,
