@@ -12,19 +12,26 @@ Security model (see emu.dashboard.auth for the primitives):
   writes also need the session's CSRF token (form field `csrf_token` or header `X-CSRF-Token`),
   and a cross-site Origin is refused. 401 without a user, 403 for a bad CSRF token or origin.
 - Every authenticated write is appended to the audit log with the user, the time, the request
-  (secrets redacted) and the outcome.
+  (secrets redacted) and the outcome, refusals included (a bad CSRF token or a cross-site origin
+  on a logged-in user's request is recorded as `denied: ...`).
 - Files are served only from the report/metrics artifacts a run recorded, resolved inside the
   artifact's folder: anything else (traversal, other runs' artifacts, models) is 404.
-- A retrain carries an idempotency key: a double submit starts one run.
+- A retrain carries an idempotency key: a double submit starts one run (a repeat that arrives
+  while the first is still starting its run waits for it, then shows the same run).
+
+Slow work (password hashing, checking and starting a run, a KFP submission) runs in the thread
+pool, never on the event loop, so that one request never stalls every page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import secrets
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -35,6 +42,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from emu.dashboard import views
@@ -59,6 +67,12 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-ac
             "frame-ancestors 'none'; base-uri 'none'")
 #: Served artifact files (e.g. the self-contained HTML report with its inline styles) run sandboxed.
 FILE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; sandbox"
+#: How long a repeated retrain request waits for the request that first used its idempotency key
+#: to start its run (a double click: the second arrives while the first is still starting).
+IDEMPOTENCY_WAIT_S = 30.0
+#: The fields a retrain and a new schedule take (besides the form's csrf_token).
+RETRAIN_FIELDS = ("preset", "data", "overrides", "idempotency_key")
+SCHEDULE_FIELDS = ("name", "cron", "preset", "data", "overrides")
 
 
 class _Denied(Exception):
@@ -80,9 +94,8 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
     if store is None:
         from emu.pipeline.runner import emu_home
 
-        url = os.environ.get("EMU_LINEAGE_URL") or f"sqlite:///{emu_home() / 'lineage.db'}"
-        (emu_home()).mkdir(parents=True, exist_ok=True)
-        store = LineageStore(url)
+        emu_home().mkdir(parents=True, exist_ok=True)
+        store = LineageStore()  # EMU_LINEAGE_URL, else $EMU_HOME/lineage.db: where `emu run` records
     launcher = launcher or Launcher(config, store)
     signer = SessionSigner(secret or os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32))
     throttle = LoginThrottle(config.max_failed_logins)
@@ -137,26 +150,50 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         if config.reads_need_login and user_of(request) is None:
             raise HTTPException(401, "log in to see this page")
 
-    async def writer(request: Request) -> tuple[str, dict[str, Any]]:
-        """(user, form fields) of a write request, or _Denied."""
+    async def writer(request: Request, action: str, target: str | None = None) -> tuple[str, dict[str, Any]]:
+        """(user, form fields) of a write request, or _Denied. A logged-in user's request refused
+        for its CSRF token or origin is audited as `action` (a forged request made through that
+        user's browser is exactly what the log must show)."""
         form = dict(await request.form()) if _is_form(request) else {}
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
         user = user_of(request)
         if user is None:
             raise _Denied(401, "authentication required: log in, or send Authorization: Bearer <token>")
         if bearer_user(request) is None:  # cookie-authenticated: a browser, so CSRF and origin checks
             origin = request.headers.get("origin")
-            if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
-                raise _Denied(403, f"cross-site request from {origin} refused")
             sent = str(form.get("csrf_token") or request.headers.get("x-csrf-token") or "")
-            if not _same_token(sent, request.state.session.csrf):
-                raise _Denied(403, "CSRF token missing or wrong: reload the page and submit again")
-        return user, {k: v for k, v in form.items() if isinstance(v, str)}
+            refusal = None
+            if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
+                refusal = f"cross-site request from {origin[:200]} refused"
+            elif not _same_token(sent, request.state.session.csrf):
+                refusal = "CSRF token missing or wrong: reload the page and submit again"
+            if refusal is not None:
+                audit(user, action, target, request, fields, f"denied: {refusal}")
+                raise _Denied(403, refusal)
+        return user, fields
 
     def audit(user: str, action: str, target: str | None, request: Request, fields: dict[str, Any],
               outcome: str) -> None:
-        store.audit(user, action, target, sanitize({"method": request.method, "path": request.url.path,
-                                                    "client": request.client.host if request.client else None,
-                                                    "fields": fields}), outcome)
+        # A target may come from the URL (a run or schedule id that need not exist); the column holds 255.
+        entry = {"method": request.method, "path": request.url.path,
+                 "client": request.client.host if request.client else None, "fields": fields}
+        store.audit(user, action, target[:255] if target else None, sanitize(entry), outcome)
+
+    async def body_of(request: Request, user: str, action: str, fields: dict[str, Any],
+                      takes: tuple[str, ...]) -> dict[str, Any]:
+        """A write's fields (the form's, else a JSON object), refused and audited when unreadable
+        or naming a field `action` does not take: JSON posted as a form, or a mistyped field, must
+        not start a run with the defaults."""
+        try:
+            body = fields or await _json_body(request)
+            unknown = sorted(set(body) - set(takes) - {"csrf_token"})
+            if unknown:
+                raise HTTPException(422, f"unknown field {unknown[0][:100]!r}: this takes {', '.join(takes)} "
+                                         f"(a JSON body needs Content-Type: application/json)")
+        except HTTPException as exc:
+            audit(user, action, None, request, fields, f"refused: {exc.detail}")
+            raise
+        return body
 
     def page(request: Request, name: str, code: int = 200, **context: Any) -> HTMLResponse:
         session: Session = request.state.session
@@ -195,7 +232,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             return page(request, "login.html", 403, next=target, error="CSRF token missing or wrong: reload the page")
         if throttle.blocked(name):
             return page(request, "login.html", 429, next=target, error="too many failed logins; try again later")
-        if not verify_password(password, config.users.get(name)):
+        if not await run_in_threadpool(verify_password, password, config.users.get(name)):
             throttle.failed(name)
             log.warning("failed dashboard login for %r from %s", name, request.client.host if request.client else "?")
             return page(request, "login.html", 401, next=target, error="wrong user name or password")
@@ -208,7 +245,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
     @app.post("/logout")
     async def logout(request: Request):
         try:
-            user, _ = await writer(request)
+            user, _ = await writer(request, "auth.logout")
         except _Denied as exc:
             return denied(request, exc)
         signer.revoke(request.state.session)
@@ -252,7 +289,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         return page(request, "run.html", run=run, refresh=REFRESH_SECONDS if active else None,
                     row=views.run_row(store, run), graph=views.stage_graph(executions, run.status),
                     executions=executions, curves=views.curves(store, executions),
-                    evaluation=views.evaluation_table(store, run, executions),
+                    evaluation=views.evaluation_table(store, executions, previous),
                     report=views.report(store, run, executions), config=views.config_diff(run, previous),
                     artifacts=views.artifacts(store, run, executions), log=log_tail(run.id),
                     duration=views.duration_text)
@@ -278,12 +315,14 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
     @app.post("/runs/{run_id}/promote")
     async def promote(request: Request, run_id: str):
         try:
-            user, fields = await writer(request)
+            user, fields = await writer(request, "model.promote", run_id)
         except _Denied as exc:
             return denied(request, exc)
-        run = run_or_404(run_id)
         try:
-            version = _promote(store, run)
+            version = _promote(store, run_or_404(run_id))
+        except HTTPException as exc:
+            audit(user, "model.promote", run_id, request, fields, f"refused: {exc.detail}")
+            raise
         except EmuError as exc:
             audit(user, "model.promote", run_id, request, fields, f"refused: {exc}")
             raise HTTPException(409, str(exc)) from None
@@ -323,18 +362,27 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             return RedirectResponse("/login?next=/retrain", status_code=303)
         return retrain_page(request)
 
+    async def claim(key: str, user: str) -> tuple[bool, str | None]:
+        """Claim a retrain's idempotency key; a key whose first request is still starting its run
+        is waited for (up to IDEMPOTENCY_WAIT_S) so that a double click shows that run."""
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+        while True:
+            claimed, earlier = store.claim_idempotency_key(key, user, "run.start")
+            if claimed or earlier is not None or time.monotonic() >= deadline:
+                return claimed, earlier
+            await asyncio.sleep(0.25)
+
     @app.post("/retrain")
     async def retrain(request: Request):
         try:
-            user, fields = await writer(request)
+            user, fields = await writer(request, "run.start")
         except _Denied as exc:
             return denied(request, exc)
-        body = fields or await _json_body(request)
-        wanted = RetrainRequest(preset=str(body.get("preset") or "tiny"), data=str(body.get("data") or ""),
-                                overrides=_overrides_of(body.get("overrides")))
+        body = await body_of(request, user, "run.start", fields, RETRAIN_FIELDS)
+        wanted = _retrain_request(body)
         key = str(body.get("idempotency_key") or request.headers.get("idempotency-key") or "")
         try:
-            launcher.check(wanted)
+            await run_in_threadpool(launcher.check, wanted)
         except (ConfigError, EmuError) as exc:
             audit(user, "run.start", None, request, fields or body, f"refused: {exc}")
             if _wants_json(request):
@@ -342,16 +390,17 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             return retrain_page(request, 422, str(exc), {**body, "overrides": "\n".join(wanted.overrides)})
         if key:
             try:
-                claimed, earlier = store.claim_idempotency_key(key, user, "run.start")
+                claimed, earlier = await claim(key, user)
             except LineageError as exc:
+                audit(user, "run.start", None, request, fields or body, f"refused: {exc}")
                 raise HTTPException(400, str(exc)) from None
             if not claimed:
                 audit(user, "run.start", earlier, request, fields or body, "duplicate: idempotency key already used")
                 if earlier is None:
-                    raise HTTPException(409, "this retrain request is already being started")
+                    raise HTTPException(409, "this retrain request is still being started; see the runs list")
                 return _started(request, earlier, duplicate=True)
         try:
-            run_id = launcher.start(wanted, user)
+            run_id = await run_in_threadpool(launcher.start, wanted, user)
         except Exception as exc:
             if key:
                 store.release_idempotency_key(key, user, "run.start")
@@ -380,14 +429,13 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
     @app.post("/schedules")
     async def create_schedule(request: Request):
         try:
-            user, fields = await writer(request)
+            user, fields = await writer(request, "schedule.create")
         except _Denied as exc:
             return denied(request, exc)
-        body = fields or await _json_body(request)
-        wanted = RetrainRequest(preset=str(body.get("preset") or "tiny"), data=str(body.get("data") or ""),
-                                overrides=_overrides_of(body.get("overrides")))
+        body = await body_of(request, user, "schedule.create", fields, SCHEDULE_FIELDS)
+        wanted = _retrain_request(body)
         try:
-            run = launcher.check(wanted)
+            run = await run_in_threadpool(launcher.check, wanted)
             schedule = store.create_schedule(str(body.get("name") or ""), str(body.get("cron") or ""),
                                              parameters={"preset": run.preset, "data": run.source,
                                                          "overrides": run.overrides},
@@ -407,7 +455,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         if action not in ("pause", "resume", "delete"):
             raise HTTPException(404, f"no schedule action {action!r}")
         try:
-            user, fields = await writer(request)
+            user, fields = await writer(request, f"schedule.{action}", schedule_id)
         except _Denied as exc:
             return denied(request, exc)
         try:
@@ -471,6 +519,12 @@ def _same_token(sent: str, expected: str) -> bool:
     return bool(sent) and hmac.compare_digest(sent.encode("utf-8"), expected.encode("utf-8"))
 
 
+def _retrain_request(body: dict[str, Any]) -> RetrainRequest:
+    """The run a retrain or a new schedule asks for (the form's or the JSON body's fields)."""
+    return RetrainRequest(preset=str(body.get("preset") or "tiny"), data=str(body.get("data") or ""),
+                          overrides=_overrides_of(body.get("overrides")))
+
+
 def _overrides_of(value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(v).strip() for v in value if str(v).strip()]
@@ -478,7 +532,11 @@ def _overrides_of(value: Any) -> list[str]:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The JSON object a request sent; {} for no body; 415 for a body that is neither form nor JSON."""
     if "application/json" not in request.headers.get("content-type", ""):
+        if not _is_form(request) and await request.body():
+            raise HTTPException(415, "send a form (application/x-www-form-urlencoded) or a JSON object "
+                                     "(Content-Type: application/json)")
         return {}
     try:
         body = await request.json()
@@ -528,8 +586,10 @@ def _num(value: Any, digits: int = 3) -> str:
 def _size(value: int | None) -> str:
     if value is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if value < 1024:
+        return f"{value} B"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    return str(value)
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"

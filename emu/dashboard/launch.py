@@ -21,7 +21,7 @@ from pathlib import Path
 
 from emu.config import preset_path
 from emu.dashboard.config import DashboardConfig
-from emu.errors import ConfigError
+from emu.errors import ConfigError, EmuError
 from emu.lineage.store import LineageStore
 from emu.pipeline.runner import ROOT, RunRequest, launch_background, parameters, run_log_path, submit
 
@@ -58,7 +58,9 @@ class Launcher:
 
     def __init__(self, config: DashboardConfig, store: LineageStore) -> None:
         self.config, self.store = config, store
-        self._watchers: list[threading.Thread] = []
+        # submit() compiles to one file ($EMU_HOME/emu_pipeline.yaml): two submissions at once
+        # could each upload the other's compiled resources.
+        self._submit_lock = threading.Lock()
 
     def check(self, request: RetrainRequest) -> RunRequest:
         """The run `request` asks for, or ConfigError saying what is wrong with it."""
@@ -79,24 +81,29 @@ class Launcher:
         run = self.check(request)
         run.triggered_by = user
         if self.config.backend == "kfp":
-            kfp_run_id = submit(run)
+            with self._submit_lock:
+                kfp_run_id = submit(run)
             recorded = self.store.get_run_by_kfp_id(kfp_run_id)
             if recorded is None:
                 raise ConfigError(f"KFP run {kfp_run_id} was submitted but not recorded in the lineage store")
             return recorded.id
         recorded = self.store.create_run(trigger="dashboard", triggered_by=user, preset=run.preset, status="pending",
                                          parameters={"source": run.source, "overrides": list(run.overrides)})
-        process = launch_background(recorded.id, run.preset, run.source, run.overrides)
-        watcher = threading.Thread(target=self._watch, args=(recorded.id, process), daemon=True,
-                                   name=f"watch-{recorded.id}")
-        watcher.start()
-        self._watchers.append(watcher)
+        try:
+            process = launch_background(recorded.id, run.preset, run.source, run.overrides)
+        except Exception as exc:  # never leave a run pending that nothing will start
+            self.store.update_run(recorded.id, status="failed", error=f"could not start `emu run`: {exc}")
+            raise
+        threading.Thread(target=self._watch, args=(recorded.id, process), daemon=True,
+                         name=f"watch-{recorded.id}").start()
         return recorded.id
 
     def _watch(self, run_id: str, process) -> None:
+        """Wait for `emu run`; a run it left pending or running never recorded its outcome (it died,
+        or wrote to another lineage store than the dashboard's): mark it failed, with its log's end."""
         code = process.wait()
         run = self.store.get_run(run_id)
-        if run is not None and run.status in ("pending", "running") and code != 0:
+        if run is not None and run.status in ("pending", "running"):
             tail = log_tail(run_id, lines=5)
             self.store.update_run(run_id, status="failed",
                                   error=f"`emu run` exited with code {code} before recording an outcome: {tail}")
@@ -105,7 +112,10 @@ class Launcher:
 
 def log_tail(run_id: str, lines: int = 40) -> str:
     """The last lines of a background run's console output ("" when it has none)."""
-    path = run_log_path(run_id)
+    try:
+        path = run_log_path(run_id)
+    except EmuError:  # an id that is no file name (EMU_RUN_ID set by hand): never started in the background
+        return ""
     if not path.is_file():
         return ""
     with open(path, "rb") as handle:

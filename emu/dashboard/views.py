@@ -18,8 +18,9 @@ from emu.lineage.models import TERMINAL_STATUSES, Run, StageExecution
 from emu.lineage.store import LineageStore
 from emu.pipeline.runner import TASK_EDGES, TASKS
 
-__all__ = ["run_row", "stage_graph", "curves", "evaluation_table", "config_diff", "artifacts", "report",
-           "run_file", "lineage_svg", "previous_run", "flatten", "HEADLINE_METRICS", "CURVE_GROUPS"]
+__all__ = ["run_row", "stage_graph", "curves", "evaluation_of", "evaluation_table", "config_diff", "artifacts",
+           "report", "run_file", "lineage_svg", "previous_run", "flatten", "duration_text", "HEADLINE_METRICS",
+           "CURVE_GROUPS"]
 
 #: Evaluation metrics shown in the runs list (the gate's defaults).
 HEADLINE_METRICS = ("vqav2_accuracy", "coco_captions_cider")
@@ -28,6 +29,10 @@ CURVE_GROUPS = {"loss": ("loss", "text_loss", "image_loss"), "learning rate": ("
 #: Artifact types whose files the dashboard may show (reports, evaluation outputs); models and
 #: datasets are restored with `emu artifacts pull`, never served over HTTP.
 VIEWABLE_TYPES = ("metrics", "report")
+#: What a viewable artifact's link opens, the first file present: the evaluation's self-contained
+#: HTML report, else the raw report (the validation's; its Great Expectations Data Docs load
+#: styles from a CDN, which the served files' CSP blocks).
+VIEW_ENTRIES = ("report.html", "report.json")
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -127,10 +132,9 @@ def previous_run(store: LineageStore, run: Run) -> Run | None:
     return None
 
 
-def evaluation_table(store: LineageStore, run: Run, executions: list[StageExecution]) -> dict[str, Any]:
-    """This run's evaluation beside the previous run's and the production model's."""
+def evaluation_table(store: LineageStore, executions: list[StageExecution], previous: Run | None) -> dict[str, Any]:
+    """This run's evaluation beside the previous run's (`previous_run`) and the production model's."""
     current = evaluation_of(store, executions)
-    previous = previous_run(store, run)
     before = evaluation_of(store, store.list_executions(previous.id)) if previous else {}
     production = store.production()
     prod = dict(production.metrics) if production else {}
@@ -157,17 +161,18 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(run: Run, previous: Run | None) -> dict[str, Any]:
-    """The run's resolved configs (every stage) and what changed since the previous run."""
+    """The run's resolved configs (every stage) and what changed since the previous run. A run
+    recorded before it started (pending, or failed at launch) has none yet: `resolved` False, no diff."""
     configs = (run.parameters or {}).get("configs", {})
     mine = flatten(configs)
     changes = []
-    if previous is not None:
+    if previous is not None and configs:
         theirs = flatten((previous.parameters or {}).get("configs", {}))
         for key in sorted(set(mine) | set(theirs)):
             if mine.get(key, "∅") != theirs.get(key, "∅"):
                 changes.append({"key": key, "before": _show(theirs.get(key, "(absent)")),
                                 "after": _show(mine.get(key, "(absent)"))})
-    return {"text": json.dumps(configs, indent=2, sort_keys=True), "changes": changes,
+    return {"text": json.dumps(configs, indent=2, sort_keys=True), "changes": changes, "resolved": bool(configs),
             "overrides": (run.parameters or {}).get("overrides", []),
             "source": (run.parameters or {}).get("source") or "synthetic shapes world",
             "source_md5": (run.parameters or {}).get("source_md5") or "-",
@@ -193,9 +198,9 @@ def artifacts(store: LineageStore, run: Run, executions: list[StageExecution]) -
     for a in graph.artifacts:
         if a["id"] not in produced:
             continue
+        view = next((name for name in VIEW_ENTRIES if _file_in(store, a["id"], name)), None)
         rows.append({"id": a["id"], "stage": produced[a["id"]], "type": a["type"], "name": a["name"] or "-",
-                     "md5": a["md5"], "size": a["size"], "uri": a["uri"] or "-",
-                     "viewable": a["type"] in VIEWABLE_TYPES})
+                     "md5": a["md5"], "size": a["size"], "uri": a["uri"] or "-", "view": view})
     order = {stage: i for i, stage in enumerate(TASKS)}
     rows.sort(key=lambda r: (order.get(r["stage"], len(order)), r["id"]))
     return rows
@@ -215,6 +220,11 @@ def run_file(store: LineageStore, run_id: str, artifact_id: int, relative: str) 
     resolved path stays inside it (no `..`, no symlink out). Anything else: None (the app's 404)."""
     if store.get_run(run_id) is None or artifact_id not in _run_artifact_ids(store, run_id):
         return None
+    return _file_in(store, artifact_id, relative)
+
+
+def _file_in(store: LineageStore, artifact_id: int, relative: str) -> Path | None:
+    """The file `relative` inside a viewable artifact's local folder, resolved and kept inside it."""
     artifact = store.get_artifact(artifact_id)
     if artifact is None or artifact.type not in VIEWABLE_TYPES:
         return None
@@ -224,7 +234,10 @@ def run_file(store: LineageStore, run_id: str, artifact_id: int, relative: str) 
         root = Path(uri).resolve()
         if not root.is_dir():
             continue
-        target = (root / relative).resolve()
+        try:
+            target = (root / relative).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte; a symlink loop (RuntimeError)
+            return None
         if target != root and target.is_relative_to(root) and target.is_file():
             return target
     return None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,26 @@ def test_cookie_writes_need_the_csrf_token_and_same_origin(setup):
     assert setup["launcher"].started == [("alice", "tiny", [])]
 
 
+@pytest.mark.parametrize("how", ["json-as-form", "text/plain", "unknown-field"])
+def test_a_body_the_retrain_cannot_read_is_refused_not_defaulted(setup, how):
+    """`curl -d '{"preset": "small"}'` posts the JSON as a form field name; a mistyped field is as
+    silent: neither may start a default tiny run."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = setup["client"]
+    if how == "json-as-form":
+        response = client.post("/retrain", content='{"preset": "small"}', headers={
+            **auth, "Content-Type": "application/x-www-form-urlencoded"})
+    elif how == "text/plain":
+        response = client.post("/retrain", content='{"preset": "small"}', headers={**auth, "Content-Type": "text/plain"})
+    else:
+        response = client.post("/retrain", json={"preset": "tiny", "override": ["stage2.steps=5"]}, headers=auth)
+    assert response.status_code in (415, 422), response.text
+    assert setup["launcher"].started == []
+    assert setup["store"].audit_entries(user="ci-bot")[0].outcome.startswith("refused:")
+    if how == "unknown-field":
+        assert "'override'" in response.json()["error"]
+
+
 def test_api_token_writes_without_csrf(setup):
     response = setup["client"].post("/retrain", json={"preset": "tiny", "overrides": ["stage2.steps=7"]},
                                     headers={"Authorization": f"Bearer {TOKEN}"})
@@ -177,7 +199,8 @@ def test_api_token_writes_without_csrf(setup):
 
 
 @pytest.mark.parametrize("path", ["../secret.txt", "..%2Fsecret.txt", "%2e%2e/%2e%2e/secret.txt",
-                                  "report_files/../../secret.txt", "/etc/passwd", "", "report_files"])
+                                  "report_files/../../secret.txt", "/etc/passwd", "", "report_files",
+                                  "report%00.json"])
 def test_files_outside_a_runs_reports_are_404(setup, path):
     client = setup["client"]
     first = setup["runs"][0]
@@ -244,6 +267,139 @@ def test_a_double_submitted_retrain_starts_one_run(setup):
     assert outcomes.count("ok") == 2 and sum(o.startswith("duplicate") for o in outcomes) == 1
 
 
+class SlowLauncher(RecordingLauncher):
+    """Starting a run takes until the test says so (a KFP submission, a slow disk)."""
+
+    def __init__(self, config, store):
+        super().__init__(config, store)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def start(self, request, user):
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the start"
+        return super().start(request, user)
+
+
+def test_a_double_submit_while_the_first_is_starting_shows_the_same_run(setup):
+    """The second of a double click arrives while the first is still starting its run: it waits
+    for that run instead of starting another or failing, and the server keeps answering meanwhile."""
+    store = setup["store"]
+    config = DashboardConfig(users={"alice": hash_password(PASSWORD, iterations=200_000)})
+    launcher = SlowLauncher(config, store)
+    app = create_app(config, store=store, launcher=launcher, secret="test-secret")
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:  # one event loop, as under uvicorn
+        form = _retrain_form(client, _login(client), key="double-click")
+        answers = []
+
+        def submit():
+            answers.append(client.post("/retrain", data=form, follow_redirects=False))
+
+        first = threading.Thread(target=submit)
+        first.start()
+        assert launcher.entered.wait(20)
+        began = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        assert time.monotonic() - began < 5, "a run being started must not stall the server"
+        second = threading.Thread(target=submit)
+        second.start()
+        time.sleep(1.0)  # the second request is waiting on the key now
+        launcher.release.set()
+        first.join(30)
+        second.join(30)
+    assert [a.status_code for a in answers] == [303, 303], [a.text[:300] for a in answers]
+    assert answers[0].headers["location"] == answers[1].headers["location"]
+    assert len(launcher.started) == 1
+
+
+def test_a_logged_in_users_refused_write_is_audited(setup):
+    client, store = setup["client"], setup["store"]
+    _login(client)
+    assert client.post("/retrain", data={"preset": "tiny", "csrf_token": "forged"}).status_code == 403
+    schedule = store.create_schedule("nightly", "0 3 * * *", created_by="tester")
+    assert client.post(f"/schedules/{schedule.id}/delete", data={}, headers={"Origin": "http://evil.example"}
+                       ).status_code == 403
+    entries = {e.action: e for e in store.audit_entries(user="alice")}
+    assert entries["run.start"].outcome.startswith("denied: CSRF")
+    assert entries["schedule.delete"].outcome.startswith("denied: cross-site")
+    assert entries["schedule.delete"].target == schedule.id and store.get_schedule(schedule.id) is not None
+    assert "forged" not in json.dumps(entries["run.start"].request), "the sent token is redacted"
+
+
+def test_a_run_not_started_yet_has_no_config_diff(setup):
+    """A retrain is recorded (pending) before `emu run` resolves its configs: no diff against the
+    previous run's (every setting would read as removed), and the page says so."""
+    store = setup["store"]
+    pending = store.create_run(trigger="dashboard", triggered_by="alice", preset="tiny", status="pending",
+                               parameters={"source": "", "overrides": ["stage2.steps=5"]})
+    page = setup["client"].get(f"/runs/{pending.id}").text
+    assert "(absent)" not in page and 'id="config-diff"' not in page and 'id="config-unresolved"' in page
+    assert "No stage has started yet." in page and "stage2.steps=5" in page
+    # A run recorded under an id that is no file name (EMU_RUN_ID set by hand) has no console log.
+    odd = store.create_run(run_id="ad hoc:1", status="running").id
+    assert setup["client"].get(f"/runs/{odd}").status_code == 200
+
+
+def test_a_validation_report_links_to_the_file_it_has(setup):
+    """The validation's report folder has report.json, no report.html: its link opens what exists."""
+    store, root = setup["store"], setup["root"]
+    first = setup["runs"][0]
+    folder = root / "validation"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"passed": False}))
+    execution = store.start_execution(first, "validate", {})
+    artifact = store.record_artifact("b" * 32 + ".dir", 20, str(folder), "report", "validation")
+    store.link(execution, artifact, "out", "validation")
+    store.finish_execution(execution, "failed", error="the data failed validation")
+    client = setup["client"]
+    page = client.get(f"/runs/{first}").text
+    assert f'href="/runs/{first}/files/{artifact}/report.json"' in page
+    assert f"/files/{artifact}/report.html" not in page
+    assert client.get(f"/runs/{first}/files/{artifact}/report.json").json() == {"passed": False}
+
+
+class _Exited:
+    """A finished `emu run` process as the launcher's watcher sees it."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def wait(self):
+        return self.code
+
+
+@pytest.mark.parametrize("code", [1, -9, 0])
+def test_a_run_whose_process_ended_without_an_outcome_is_marked_failed(setup, code):
+    store = setup["store"]
+    launcher = Launcher(DashboardConfig(), store)
+    run = store.create_run(trigger="dashboard", triggered_by="alice", status="pending").id
+    from emu.pipeline.runner import run_log_path
+
+    run_log_path(run).parent.mkdir(parents=True, exist_ok=True)
+    run_log_path(run).write_text("starting\nTraceback ...\nImportError: no module named x\n")
+    launcher._watch(run, _Exited(code))
+    failed = store.get_run(run)
+    assert failed.status == "failed" and f"exited with code {code}" in failed.error and "ImportError" in failed.error
+    done = store.create_run(status="running").id
+    store.update_run(done, status="succeeded")
+    launcher._watch(done, _Exited(0))
+    assert store.get_run(done).status == "succeeded" and store.get_run(done).error is None
+
+
+def test_a_run_that_could_not_be_launched_is_not_left_pending(setup, monkeypatch):
+    import emu.dashboard.launch as launch
+
+    def broken(*args, **kwargs):
+        raise OSError("no python here")
+
+    monkeypatch.setattr(launch, "launch_background", broken)
+    store = setup["store"]
+    before = {r.id for r in store.list_runs()}
+    with pytest.raises(OSError):
+        Launcher(DashboardConfig(), store).start(launch.RetrainRequest(preset="tiny"), "alice")
+    (new,) = [r for r in store.list_runs() if r.id not in before]
+    assert new.status == "failed" and "no python here" in new.error
+
+
 def test_schedules_create_pause_resume_delete_and_audit(setup):
     client, store = setup["client"], setup["store"]
     csrf = _login(client)
@@ -281,9 +437,12 @@ def test_promotion_is_an_audited_write(setup):
     assert store.audit_entries(action="model.promote")[0].outcome == "ok: v1"
     pending = store.create_run(status="running").id
     assert client.post(f"/runs/{pending}/promote", data={"csrf_token": csrf}).status_code == 409
+    assert client.post("/runs/run-nope/promote", data={"csrf_token": csrf}).status_code == 404
+    outcomes = {e.target: e.outcome for e in store.audit_entries(action="model.promote")}
+    assert outcomes[pending].startswith("refused:") and outcomes["run-nope"].startswith("refused: no run")
 
 
-def test_login_is_throttled_and_logout_ends_the_session(setup):
+def test_login_is_throttled(setup):
     client = setup["client"]
     for _ in range(3):
         assert client.post("/login", data={"username": "alice", "password": "wrong",
