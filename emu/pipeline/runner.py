@@ -188,7 +188,8 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
     store = LineageStore(os.environ["EMU_LINEAGE_URL"])
     commit, dirty = git_state()
     if request.run_id and store.get_run(request.run_id) is not None:
-        run = store.update_run(request.run_id, status="running")
+        run = store.update_run(request.run_id, status="running",
+                               image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None)
         store.set_run_details(run.id, parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty)
     else:
         run = store.create_run(trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(),

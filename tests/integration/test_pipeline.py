@@ -168,7 +168,9 @@ def test_schedule_fires_and_its_run_is_recorded_with_the_schedule(first, home):
     import time
 
     time.sleep(1.5)
-    fire = subprocess.run([str(EMU), "scheduler", "--once"], capture_output=True, text=True, env=env, timeout=120)
+    digest = "sha256:" + "ab" * 32  # the image the scheduler runs in: its runs record it
+    fire = subprocess.run([str(EMU), "scheduler", "--once"], capture_output=True, text=True,
+                          env={**env, "EMU_IMAGE_DIGEST": digest}, timeout=120)
     assert fire.returncode == 0 and "started run" in fire.stdout, fire.stdout + fire.stderr
     run_id = fire.stdout.split("started run ")[1].split()[0]
     store = LineageStore()
@@ -178,6 +180,7 @@ def test_schedule_fires_and_its_run_is_recorded_with_the_schedule(first, home):
     run = store.get_run(run_id)
     schedule = store.get_schedule("every-second")
     assert run.trigger == "schedule" and run.schedule_id == schedule.id and run.status == "succeeded"
+    assert run.image_digest == digest
     assert schedule.last_run_id == run_id
     delete = subprocess.run([str(EMU), "schedule", "delete", "every-second"], capture_output=True, text=True,
                             env=env, timeout=120)
