@@ -27,6 +27,7 @@ from components.stage1 import stage1 as stage1_component
 from components.stage2 import stage2 as stage2_component
 from components.validate import validate as validate_component
 from emu.pipeline.config import PipelineConfig, StageResources
+from emu.pipeline.tasks import KFP_RUN_ENV
 
 NAME = "emu"
 
@@ -93,6 +94,10 @@ def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> ds
                                    size_limit=resources.shm)
     kubernetes.use_secret_as_env(task, secret_name=config.s3_secret, optional=True, secret_key_to_env={
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    # The KFP run id (the label KFP's API server puts on every pod of a run) as environment, not a
+    # parameter: a parameter would differ per run and defeat the cache. Tasks use it to record
+    # their lineage under the run `emu run --host` / the dashboard recorded at submission.
+    kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ENV, field_path="metadata.labels['pipeline/runid']")
     kubernetes.use_config_map_as_env(task, config_map_name=config.settings_config_map, optional=True,
                                      config_map_key_to_env={"EMU_LINEAGE_URL": "EMU_LINEAGE_URL",
                                                             "EMU_DVC_REMOTE": "EMU_DVC_REMOTE",

@@ -277,6 +277,9 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         run = store.get_run(run_id)
         if run is None:
             raise HTTPException(404, f"no run {run_id!r}")
+        if run.backend == "kfp":  # a cluster run's end is known to KFP only
+            launcher.refresh_kfp_status(run)
+            run = store.get_run(run_id)
         return run
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 __all__ = ["RetrainRequest", "Launcher", "offered_presets", "parse_overrides"]
 
 _MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
+#: KFP run states -> lineage run statuses (a run still going keeps `running`).
+KFP_STATES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "cancelled", "SKIPPED": "cancelled",
+              "PENDING": "running", "RUNNING": "running", "CANCELING": "running", "PAUSED": "running"}
+#: Seconds between two reads of one cluster run's state.
+KFP_POLL_S = 10.0
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Launcher:
         # submit() compiles to one file ($EMU_HOME/emu_pipeline.yaml): two submissions at once
         # could each upload the other's compiled resources.
         self._submit_lock = threading.Lock()
+        self._kfp_client = None
+        self._polled: dict[str, float] = {}
 
     def check(self, request: RetrainRequest) -> RunRequest:
         """The run `request` asks for, or ConfigError saying what is wrong with it."""
@@ -108,6 +116,33 @@ class Launcher:
             self.store.update_run(run_id, status="failed",
                                   error=f"`emu run` exited with code {code} before recording an outcome: {tail}")
             log.warning("run %s: emu run exited with %s", run_id, code)
+
+
+    def refresh_kfp_status(self, run) -> None:
+        """Bring an active cluster run's status up to date from the KFP API (the tasks record
+        their stages into it; only KFP knows when the whole run ended). At most once per
+        KFP_POLL_S per run; an unreachable API leaves the status as it is."""
+        if run.backend != "kfp" or not run.kfp_run_id or run.status not in ("pending", "running"):
+            return
+        if not self.config.kfp_host:
+            return
+        now = time.monotonic()
+        if now - self._polled.get(run.id, -KFP_POLL_S) < KFP_POLL_S:
+            return
+        self._polled[run.id] = now
+        try:
+            if self._kfp_client is None:
+                import kfp
+
+                self._kfp_client = kfp.Client(host=self.config.kfp_host)
+            state = str(self._kfp_client.get_run(run.kfp_run_id).state or "").upper()
+        except Exception as exc:  # the dashboard keeps working while the cluster API is away
+            log.warning("cannot read KFP run %s from %s: %s", run.kfp_run_id, self.config.kfp_host, exc)
+            return
+        status = KFP_STATES.get(state)
+        if status is not None and status != run.status:
+            self.store.update_run(run.id, status=status,
+                                  error=f"KFP run {run.kfp_run_id} ended {state}" if status != "succeeded" else None)
 
 
 def log_tail(run_id: str, lines: int = 40) -> str:

@@ -30,6 +30,8 @@ from emu.config import from_dict, resolve, to_dict
 log = logging.getLogger(__name__)
 
 RUN_ENV = "EMU_RUN_ID"
+#: Set on cluster pods from their `pipeline/runid` label (pipelines/emu_pipeline.py).
+KFP_RUN_ENV = "KFP_RUN_ID"
 LINEAGE_ENV = "EMU_LINEAGE_URL"
 REMOTE_ENV = "EMU_DVC_REMOTE"
 
@@ -59,16 +61,21 @@ def stage_config(section: str, preset: str, config_json: str):
 
 
 def current_run_id() -> str:
-    """$EMU_RUN_ID (set by `emu run`); a task started some other way gets an ad-hoc run."""
+    """The lineage run this task belongs to: $EMU_RUN_ID (set by `emu run` here); on a cluster,
+    the run recorded for the KFP run id in $KFP_RUN_ID (by `emu run --host` or the dashboard, or
+    by the first task of a run started from the KFP UI); else an ad-hoc run."""
     run_id = os.environ.get(RUN_ENV)
     store = lineage()
     if run_id and store.get_run(run_id) is not None:
         return run_id
-    run = store.create_run(trigger="api", backend="kfp" if os.environ.get("KFP_POD_NAME") else "local",
-                           image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None, status="running",
-                           run_id=run_id or None)
-    os.environ[RUN_ENV] = run.id
-    return run.id
+    kfp_run_id = os.environ.get(KFP_RUN_ENV) or None
+    recorded = store.get_run_by_kfp_id(kfp_run_id) if kfp_run_id and not run_id else None
+    if recorded is None:
+        recorded = store.create_run(trigger="api", backend="kfp" if kfp_run_id or os.environ.get("KFP_POD_NAME")
+                                    else "local", image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None,
+                                    status="running", run_id=run_id or None, kfp_run_id=kfp_run_id)
+    os.environ[RUN_ENV] = recorded.id
+    return recorded.id
 
 
 @dataclass

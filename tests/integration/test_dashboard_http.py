@@ -488,3 +488,35 @@ def test_stage_edges_match_the_compiled_pipeline():
     for source, target in TASK_EDGES:
         assert source in depends[target], f"{source} -> {target} is not an edge of the compiled pipeline"
     assert {s for edge in TASK_EDGES for s in edge} == set(TASKS)
+
+
+class _KfpRuns:
+    """Stands in for kfp.Client's run API (no KFP cluster can run here): the states a cluster reports."""
+
+    def __init__(self, states):
+        self.states, self.calls = list(states), 0
+
+    def get_run(self, run_id):
+        self.calls += 1
+        state = self.states.pop(0)
+        if isinstance(state, Exception):
+            raise state
+        return type("Run", (), {"state": state})()
+
+
+def test_a_cluster_run_shows_the_state_kfp_reports(setup, monkeypatch):
+    import emu.dashboard.launch as launch
+
+    store = setup["store"]
+    monkeypatch.setattr(launch, "KFP_POLL_S", 0.0)
+    launcher = Launcher(DashboardConfig(backend="kfp", kfp_host="http://kfp.example:8888"), store)
+    launcher._kfp_client = _KfpRuns([ConnectionError("cluster away"), "RUNNING", "FAILED"])
+    client = TestClient(create_app(DashboardConfig(), store=store, launcher=launcher, secret="s"),
+                        base_url="http://127.0.0.1:8000")
+    run = store.create_run(trigger="dashboard", triggered_by="alice", backend="kfp", kfp_run_id="kfp-9",
+                           status="running")
+    assert client.get(f"/api/runs/{run.id}").json()["status"] == "running", "an unreachable API changes nothing"
+    assert client.get(f"/api/runs/{run.id}").json()["status"] == "running"
+    ended = client.get(f"/api/runs/{run.id}").json()
+    assert ended["status"] == "failed" and "kfp-9 ended FAILED" in ended["error"]
+    assert client.get(f"/api/runs/{run.id}").json()["status"] == "failed" and launcher._kfp_client.calls == 3
