@@ -251,20 +251,11 @@ def precompute_task(*, dataset: str, dataset_md5: str, model: str, model_md5: st
 
 def stage2_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
                 preset: str, config: str, model, metrics) -> str:
-    import dataclasses
-
     from emu.train.stages import stage2
 
-    cfg = dataclasses.replace(stage_config("stage2", preset, config), init=str(Path(init) / "model"),
-                              precomputed=str(embeddings))
-    with execution("stage2", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
-                                   "embeddings": (embeddings_md5, "embeddings")}) as run:
-        out = Path(model.path)
-        sources = training_sources(Path(dataset), preset)
-        link_shards(run, sources, cfg.batch_sizes)
-        stage2(cfg, sources, out)
-        _training_metrics(run, out, metrics)
-        return run.output("model", out / "model", "model", model)
+    return _train_on_embeddings("stage2", stage2, dataset=dataset, dataset_md5=dataset_md5, init=init,
+                                init_md5=init_md5, embeddings=embeddings, embeddings_md5=embeddings_md5,
+                                preset=preset, config=config, model=model, metrics=metrics)
 
 
 def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: str, preset: str, config: str,
@@ -287,18 +278,27 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
 
 def instruct_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
                   preset: str, config: str, model, metrics) -> str:
-    import dataclasses
-
     from emu.train.stages import instruct
 
-    cfg = dataclasses.replace(stage_config("instruct", preset, config), init=str(Path(init) / "model"),
+    return _train_on_embeddings("instruct", instruct, dataset=dataset, dataset_md5=dataset_md5, init=init,
+                                init_md5=init_md5, embeddings=embeddings, embeddings_md5=embeddings_md5,
+                                preset=preset, config=config, model=model, metrics=metrics)
+
+
+def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, init: str, init_md5: str,
+                         embeddings: str, embeddings_md5: str, preset: str, config: str, model, metrics) -> str:
+    """A stage that starts from the previous stage's model and reads precomputed embeddings
+    (stage 2, instruction tuning): train, record curves and shard lineage, version the model."""
+    import dataclasses
+
+    cfg = dataclasses.replace(stage_config(stage, preset, config), init=str(Path(init) / "model"),
                               precomputed=str(embeddings))
-    with execution("instruct", cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
-                                     "embeddings": (embeddings_md5, "embeddings")}) as run:
+    with execution(stage, cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
+                                "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
-        instruct(cfg, sources, out)
+        train(cfg, sources, out)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
