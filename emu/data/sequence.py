@@ -36,12 +36,27 @@ open and close images and to ground), never `<s>` (nothing precedes it) nor a vi
 every image and frame is regressed (R).
     pair:        <s> | IMAGE/VIDEO R | " caption" | </s>    with P = image_text_order_p
                  <s> | " caption" | IMAGE/VIDEO R | </s>    otherwise (one rng.random() per pair)
-    interleaved: <s> | segments in document order: " text" or IMAGE R | </s>
-                 A document longer than max_len is split at segment boundaries into several
-                 sequences (greedy, in order; each with its own <s> and </s>); an image block is
-                 never cut. Chunks keep the sample key; slots keep their index into sample.images.
-    video_text:  <s> | [VIDEO] | per frame i: " subtitle_i" (left out when blank) then
-                 [IMG] [gIMG] x m [/IMG] R | " trailing_text" (when not blank) | </s>
+    interleaved: <s> | segments in document order, each image before or after its text:
+                 " text" or IMAGE R | </s>
+                 An image's text is the text segment that follows it (after any other images): the
+                 sentence it was matched to, since the mmc4 importer writes each image right before
+                 its matched sentence (emu.data.formats.mmc4, as OpenFlamingo does); images matched
+                 to one sentence share it. Each such image stays before its text with
+                 P = image_text_order_p, else moves right after it (App. A.1: each image before or
+                 after its text, p = 0.5; one rng.random() per image, in document order); images on
+                 one side of a text keep their order. Images after the last text have no text of
+                 their own and stay last (no draw). So P = 1 keeps the document order (the
+                 evaluation harness builds its base prompts that way).
+                 A document longer than max_len is split greedily, in order, into several sequences
+                 (each with its own <s> and </s>) at segment boundaries, except that a text segment
+                 longer than a whole sequence is cut into token pieces, the first filling the current
+                 sequence; an image block is never cut. Chunks keep the sample key; slots keep their
+                 index into sample.images.
+    video_text:  <s> | [VIDEO] | per frame i: " subtitle_i" (left out when blank) and
+                 [IMG] [gIMG] x m [/IMG] R, the frame first with P = image_text_order_p, else after
+                 the subtitle, which is its time order (subtitle_i is spoken before frame i; App. A.1;
+                 one rng.random() per frame, blank subtitle or not) | " trailing_text" (when not
+                 blank) | </s>
     grounded:    <s> | IMAGE R | <grounding> | caption with every phrase replaced by
                  <phrase> phrase</phrase><object>BOXES</object>   with P = phrase_first_p,
                  <object>BOXES</object><phrase> phrase</phrase>   otherwise (one rng.random() per phrase)
@@ -51,7 +66,11 @@ every image and frame is regressed (R).
                  <patch_index_q>, q = round-half-up(c * 256) in 0..256 (official lm.py: 257 bins,
                  quantized_size 256). Out-of-range coordinates, empty or overlapping phrases raise.
                  Referring expressions are not written (they serve REC tasks, not captions).
-    text:        <s> | " text" | </s>
+    text:        <s> | " text" | </s>, cut into chunks of at most max_len tokens (App. A.1: Pile text
+                 in 2,048-token chunks): each chunk starts with its own <s>, only the last ends with
+                 </s>, and every token after <s> is a target. A last chunk is never </s> alone (it
+                 takes the last text token too, so no sequence teaches "<s></s>"). Chunks keep the
+                 sample key. Text is never too long.
 
 chat (Emu2-Chat instruction tuning, §2.3.1: "<Sys.Msg.> [USER]: <Instruction> [ASSISTANT]: <Answer>",
 "only tokens in the <Answer> section will be supervised")
@@ -60,6 +79,13 @@ chat (Emu2-Chat instruction tuning, §2.3.1: "<Sys.Msg.> [USER]: <Instruction> [
     User content is split at its `<image>` placeholders, each replaced by the next IMAGE block (n
     tokens: 256 for Emu2-Chat's 16x16 pooling); its text pieces are stripped and written " piece".
     Text targets: each answer's tokens and the `</s>` after it, nothing else. No regression.
+    Longer than max_len: truncated (Emu2-Chat truncates at 2,048 tokens, §2.3.1) right after the
+    last answer token (or answer `</s>`) within the first max_len tokens. What follows it trains
+    nothing (causal attention: no target before it can see it), and since answer tokens are never
+    inside an image block, the cut never falls inside one: a block the max_len cut would split is
+    left out whole, with everything after it. The visual slots are those of the blocks kept. A chat
+    whose first answer token lies beyond max_len would train nothing and is handled by `too_long`.
+    Truncated samples are counted in `builder.truncated[data_type]`.
     System message: the sample's own leading system turn if it has one (an empty one means none),
     else system_messages[category]: vqa and captions are "academic", chat samples use their
     `category`, or "chat" when it is empty; a category missing from system_messages raises.
@@ -77,11 +103,13 @@ gen (Emu2-Gen, §2.3.2: "the regression loss only applies to the visual embeddin
     entity_drop_p (one rng.random() per segment); if that drops them all, one of them, chosen
     with rng.randrange, is kept, so a non-empty condition never becomes empty.
 
-Too long: a sequence longer than max_len (one that cannot be split, or an interleaved segment that
-alone does not fit between <s> and </s>) is handled by `too_long`: "error" raises ValueError
-naming the sample key, the length and max_len; "skip" returns [] and counts the sample in
-`builder.skipped["too_long"]`. (Emu2-Chat truncates at 2,048 tokens; truncation could cut an
-answer or an image, so we never truncate.)
+Too long: pretrain text is chunked, interleaved documents are split and chat samples truncated
+(above). What still cannot fit max_len (a caption pair, a pretrain pair, video_text, grounded or
+gen sequence longer than max_len, an interleaved image block that alone does not fit between <s>
+and </s>, a chat with no answer token within max_len) is handled by `too_long`: "error" raises
+ValueError naming the sample key, the length and max_len; "skip" returns [] and counts the sample
+in `builder.skipped["too_long"]`. Those formats are not cut because a cut would drop the
+caption, the target image or the frames that make the sample.
 
 Malformed samples (wrong kind for the mode, missing images, broken turn order, bad phrases)
 raise ValueError naming the sample key: the builder never silently repairs data.
@@ -188,8 +216,9 @@ class SequenceRules:
     frame_tokens: int
     #: Longest sequence in tokens (Emu2: 2,048 = LLaMA's context; MMC4 subsequences L = 1,024).
     max_len: int
-    #: pretrain: probability that a pair's image/video comes before its caption (App. B.1: 0.5).
-    #: caption mode always puts the visual first.
+    #: pretrain: probability that an image/video comes before its text (App. A.1, B.1: 0.5): a
+    #: pair's caption, an interleaved image's sentence, a video frame's subtitle (one draw per
+    #: image). Caption mode (stage 1) always puts the visual first.
     image_text_order_p: float = 0.5
     #: pretrain, grounded: probability that a phrase comes before its coordinates (App. B.1: 0.7).
     phrase_first_p: float = 0.7
@@ -199,8 +228,9 @@ class SequenceRules:
     #: gen: probability of dropping each condition segment (entity text or image); never all of
     #: them. The paper gives no value (InstructConfig.entity_drop_p).
     entity_drop_p: float = 0.0
-    #: A sequence longer than max_len: "error" raises ValueError, "skip" drops the sample and
-    #: counts it in SequenceBuilder.skipped.
+    #: A sequence longer than max_len that is not chunked or truncated (module docstring, "Too
+    #: long"): "error" raises ValueError, "skip" drops the sample and counts it in
+    #: SequenceBuilder.skipped.
     too_long: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:
@@ -233,6 +263,10 @@ class _Run:
         self.ids += other.ids
         self.supervised += other.supervised
         self.visuals += other.visuals
+
+    def piece(self, start: int, end: int) -> _Run:
+        """Tokens start..end of a text run (one holding no image: a slice could split a block)."""
+        return _Run(self.ids[start:end], self.supervised[start:end])
 
 
 class _Draft:
@@ -271,6 +305,8 @@ class SequenceBuilder:
         self.rules = rules
         #: Samples left out, by reason ("too_long" when rules.too_long == "skip").
         self.skipped: Counter[str] = Counter()
+        #: Chat-mode samples truncated at max_len, by data type (what the trainer logs).
+        self.truncated: Counter[str] = Counter()
         names = (IMG, IMG_END, IMAGE, GIMG, VIDEO, GROUNDING, PHRASE, PHRASE_END, OBJECT, OBJECT_END,
                  DELIMITER_OF_MULTI_OBJECTS, USER, ASSISTANT, *PATCH_INDEX)
         ids = {name: tokenizer.convert_tokens_to_ids(name) for name in names}
@@ -290,8 +326,9 @@ class SequenceBuilder:
     # ---- entry point -----------------------------------------------------------------------
 
     def build(self, sample: Sample, rng: random.Random) -> list[TokenSequence]:
-        """The sequences of `sample` for this stage: usually one; several for a long interleaved
-        document in pretrain mode; none when the sample is too long and too_long == "skip"."""
+        """The sequences of `sample` for this stage: usually one; several for a long text or
+        interleaved document in pretrain mode; none when the sample is too long and
+        too_long == "skip"."""
         mode = self.rules.mode
         allowed = {
             "caption": (Pair,),
@@ -303,7 +340,9 @@ class SequenceBuilder:
             raise ValueError(f"sample {sample.key!r} is a {sample.kind!r} sample, which {mode!r} sequences "
                              f"cannot hold (they take {', '.join(c.kind for c in allowed)})")
         if mode == "pretrain" and isinstance(sample, Interleaved):
-            return self._interleaved(sample)
+            return self._interleaved(sample, rng)
+        if mode == "pretrain" and isinstance(sample, TextOnly):
+            return self._text(sample)
         if mode == "caption":
             draft = self._caption(sample)
         elif mode == "pretrain":
@@ -314,6 +353,8 @@ class SequenceBuilder:
             draft = self._gen(sample, rng)
         run = self._encode([draft])[0]
         if len(run.ids) > self.rules.max_len:
+            if mode == "chat":
+                return self._truncate(sample, run)
             return self._too_long(sample, f"is {len(run.ids)} tokens long")
         return [self._sequence(sample, run)]
 
@@ -341,23 +382,62 @@ class SequenceBuilder:
                                  f"{len(sample.images)} frames (one subtitle, possibly empty, per frame)")
             draft.tokens([self._id[VIDEO]], True)
             for index, subtitle in enumerate(sample.subtitles):
-                draft.text(_word(subtitle), True)
+                # App. A.1: each frame before or after its subtitle (the text spoken before it).
+                frame_first = rng.random() < self.rules.image_text_order_p
+                if not frame_first:
+                    draft.text(_word(subtitle), True)
                 self._block(draft, sample, index, "frame", supervised=True, regress=True)
+                if frame_first:
+                    draft.text(_word(subtitle), True)
             draft.text(_word(sample.trailing_text), True)
-        elif isinstance(sample, Grounded):
+        else:  # Grounded
             self._check_images(sample, 1)
             self._block(draft, sample, 0, "image", supervised=True, regress=True)
             draft.tokens([self._id[GROUNDING]], True)
             self._grounded_caption(draft, sample, rng)
-        else:  # TextOnly
-            draft.text(_word(sample.text), True)
         draft.tokens([self.eos], True)
         return draft
 
-    def _interleaved(self, sample: Interleaved) -> list[TokenSequence]:
-        """One sequence per greedy run of whole segments that fits max_len with <s> and </s>."""
+    def _text(self, sample: TextOnly) -> list[TokenSequence]:
+        """Pretraining text cut into chunks of at most max_len tokens, each with its own <s>
+        (App. A.1: Pile text in 2,048-token chunks); the last ends with </s>."""
+        draft = _Draft()
+        draft.text(_word(sample.text), True)
+        draft.tokens([self.eos], True)
+        stream = self._encode([draft])[0]
+        step = self.rules.max_len - 1  # <s> takes one position of every chunk
+        starts = list(range(0, len(stream.ids), step))
+        if len(starts) > 1 and len(stream.ids) - starts[-1] == 1:
+            starts[-1] -= 1  # a last chunk of </s> alone would teach "<s></s>": it takes a text token too
+        sequences = []
+        for start, end in zip(starts, [*starts[1:], len(stream.ids)]):
+            run = _Run([self.bos], [False])
+            run.extend(stream.piece(start, end))
+            sequences.append(self._sequence(sample, run))
+        return sequences
+
+    def _ordered(self, segments: list[Segment], rng: random.Random) -> list[Segment]:
+        """The segments with each image before or after its text (App. A.1; the module docstring
+        says which text is an image's): the images waiting for a text go before it with
+        P = image_text_order_p, else right after it, one rng.random() each."""
+        ordered: list[Segment] = []
+        waiting: list[Segment] = []
+        for segment in segments:
+            if segment.text is None:
+                waiting.append(segment)
+                continue
+            first = [rng.random() < self.rules.image_text_order_p for _ in waiting]
+            ordered += [image for image, f in zip(waiting, first) if f]
+            ordered.append(segment)
+            ordered += [image for image, f in zip(waiting, first) if not f]
+            waiting = []
+        return ordered + waiting  # images after the last text have no text of their own
+
+    def _interleaved(self, sample: Interleaved, rng: random.Random) -> list[TokenSequence]:
+        """One sequence per greedy run of segments that fits max_len with <s> and </s>; a text
+        segment longer than a whole sequence is cut into token pieces."""
         drafts = []
-        for segment in sample.segments:
+        for segment in self._ordered(sample.segments, rng):
             draft = _Draft()
             if segment.text is not None:
                 draft.text(_word(segment.text), True)
@@ -369,14 +449,22 @@ class SequenceBuilder:
         chunks: list[list[_Run]] = [[]]
         used = 0
         for unit in units:
-            if len(unit.ids) > room:
-                what = "an image block" if unit.visuals else "a text segment"
-                return self._too_long(sample, f"has {what} that alone makes a sequence of {len(unit.ids) + 2} tokens")
-            if used + len(unit.ids) > room:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(unit)
-            used += len(unit.ids)
+            if len(unit.ids) > room and not unit.visuals:
+                # Text that cannot fit any sequence whole is cut like pretraining text (App. A.1),
+                # its first piece filling the current sequence; a shorter segment stays whole.
+                cuts = [0, *range(room - used or room, len(unit.ids), room)]
+                pieces = [unit.piece(a, b) for a, b in zip(cuts, [*cuts[1:], len(unit.ids)])]
+            else:
+                pieces = [unit]
+            for piece in pieces:
+                if len(piece.ids) > room:
+                    return self._too_long(sample, f"has an image block that alone makes a sequence of "
+                                                  f"{len(piece.ids) + 2} tokens")
+                if used + len(piece.ids) > room:
+                    chunks.append([])
+                    used = 0
+                chunks[-1].append(piece)
+                used += len(piece.ids)
         sequences = []
         for chunk in chunks:
             run = _Run([self.bos], [False])
@@ -595,6 +683,20 @@ class SequenceBuilder:
         targets = [ids[t + 1] if run.supervised[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
         return TokenSequence(key=sample.key, data_type=self.data_type_of(sample), ids=ids, targets=targets,
                              visuals=run.visuals)
+
+    def _truncate(self, sample: Chat | VQA | Captions, run: _Run) -> list[TokenSequence]:
+        """The chat sequence up to its last supervised token within max_len (Emu2-Chat truncates at
+        2,048 tokens, §2.3.1). Later tokens train nothing, and no supervised token lies inside an
+        image block, so no block is cut: those after the cut are left out with their slots."""
+        within = [t for t in range(self.rules.max_len) if run.supervised[t]]
+        if not within:
+            first = run.supervised.index(True)
+            return self._too_long(sample, f"keeps no answer token when truncated: its first answer token is "
+                                          f"token {first + 1}")
+        end = within[-1] + 1
+        blocks = run.ids[:end].count(self._id[IMG])  # chat text cannot forge [IMG]: one per kept slot
+        self.truncated[self.data_type_of(sample)] += 1
+        return [self._sequence(sample, _Run(run.ids[:end], run.supervised[:end], run.visuals[:blocks]))]
 
     def _too_long(self, sample: Sample, what: str) -> list[TokenSequence]:
         if self.rules.too_long == "skip":

@@ -47,7 +47,8 @@ def png(seed: int = 0) -> bytes:
 
 def builder(tok, mode, **kw) -> SequenceBuilder:
     kw.setdefault("max_len", 512)
-    return SequenceBuilder(tok, SequenceRules(mode=mode, image_tokens=N, frame_tokens=M, **kw))
+    kw.setdefault("image_tokens", N)
+    return SequenceBuilder(tok, SequenceRules(mode=mode, frame_tokens=M, **kw))
 
 
 def build1(b: SequenceBuilder, sample, seed: int = 0) -> TokenSequence:
@@ -154,17 +155,23 @@ def test_pretrain_video_pair_regresses_every_frame(tok):
     assert [(v.kind, v.regress) for v in s.visuals] == [("frame", True)] * 3
 
 
-def test_pretrain_interleaved_keeps_segment_order(tok):
+def test_pretrain_interleaved_image_first_keeps_segment_order(tok):
     doc = Interleaved(key="d", images=[png(1), png(2)], segments=[
         Segment(text="A square has four corners."), Segment(image=0), Segment(text="  a red circle.\n"),
         Segment(text="A circle has no corners."), Segment(image=1)])
-    s = build1(builder(tok, "pretrain"), doc)
+    s = build1(builder(tok, "pretrain", image_text_order_p=1.0), doc)
     assert_layout(tok, s,
                   f"<s> A square has four corners.{IMG_BLOCK} a red circle. A circle has no corners.{IMG_BLOCK}</s>",
                   BOS, (" A square has four corners.", True), *block(True), (" a red circle.", True),
                   (" A circle has no corners.", True), *block(True), EOS)
     assert [(v.index, v.regress) for v in s.visuals] == [(0, True), (1, True)]
     assert s.data_type == "interleaved"
+    # text first: image 0 moves after its text (the next segment, as the mmc4 importer matches
+    # it); image 1 has no text after it and stays last
+    after = build1(builder(tok, "pretrain", image_text_order_p=0.0), doc)
+    assert tok.decode(after.ids) == (f"<s> A square has four corners. a red circle.{IMG_BLOCK}"
+                                     f" A circle has no corners.{IMG_BLOCK}</s>")
+    assert [v.index for v in after.visuals] == [0, 1]
 
 
 def _blocks_intact(tok, ids: list[int], n: int = N) -> bool:
@@ -183,9 +190,9 @@ def test_long_interleaved_document_splits_at_segment_boundaries(tok):
         segments.append(Segment(image=i))
         images.append(png(i))
     doc = Interleaved(key="long-doc", images=images, segments=segments)
-    whole = build1(builder(tok, "pretrain", max_len=4096), doc)
+    whole = build1(builder(tok, "pretrain", max_len=4096, image_text_order_p=1.0), doc)
     max_len = 40
-    chunks = builder(tok, "pretrain", max_len=max_len).build(doc, random.Random(0))
+    chunks = builder(tok, "pretrain", max_len=max_len, image_text_order_p=1.0).build(doc, random.Random(0))
     assert len(chunks) > 2
     bos, eos, ph = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<image>")
     for c in chunks:
@@ -211,16 +218,103 @@ def test_long_interleaved_document_splits_at_segment_boundaries(tok):
     assert [len(c) for c in chunks] == expected_lengths
 
 
-def test_video_text_writes_each_subtitle_before_its_frame(tok):
-    s = build1(builder(tok, "pretrain"), VideoText(key="yt", images=[png(1), png(2), png(3)],
-                                                     subtitles=["the red circle is at the top", "", "it moves"],
-                                                     trailing_text="the end"))
+def test_video_text_writes_each_frame_before_or_after_its_subtitle(tok):
+    video = VideoText(key="yt", images=[png(1), png(2), png(3)],
+                      subtitles=["the red circle is at the top", "", "it moves"], trailing_text="the end")
+    s = build1(builder(tok, "pretrain", image_text_order_p=0.0), video)  # time order: subtitle i, then frame i
     one = "[IMG]" + "[gIMG]" * M + "[/IMG]"
     assert_layout(tok, s, f"<s>[VIDEO] the red circle is at the top{one}{one} it moves{one} the end</s>",
                   BOS, (["[VIDEO]"], True), (" the red circle is at the top", True), *block(True, M, "[gIMG]"),
                   *block(True, M, "[gIMG]"), (" it moves", True), *block(True, M, "[gIMG]"), (" the end", True), EOS)
     assert [(v.index, v.kind, v.regress) for v in s.visuals] == [(i, "frame", True) for i in range(3)]
     assert s.data_type == "video_interleaved"
+    first = build1(builder(tok, "pretrain", image_text_order_p=1.0), video)
+    assert tok.decode(first.ids) == f"<s>[VIDEO]{one} the red circle is at the top{one}{one} it moves the end</s>"
+    assert [v.index for v in first.visuals] == [0, 1, 2]
+
+
+# ---- image/text order randomisation (App. A.1) -----------------------------------------------
+
+ORDER_TEXTS = ["a red circle.", "a blue square.", "a green triangle."]
+
+
+def order_doc() -> Interleaved:
+    """mmc4 layout: each image right before its matched sentence; images 1 and 2 share one; image 3
+    follows the last sentence (no text of its own)."""
+    t0, t1, t2 = (Segment(text=t) for t in ORDER_TEXTS)
+    return Interleaved(key="order", images=[png(i) for i in range(4)], segments=[
+        Segment(image=0), t0, Segment(image=1), Segment(image=2), t1, t2, Segment(image=3)])
+
+
+def _find(ids: list[int], sub: list[int]) -> int:
+    return next(i for i in range(len(ids)) if ids[i:i + len(sub)] == sub)
+
+
+def interleaved_firsts(tok, seq: TokenSequence) -> list[bool]:
+    """For images 0, 1, 2 of order_doc(): whether each stands before its sentence."""
+    img = tok.convert_tokens_to_ids("[IMG]")
+    blocks = [t for t, i in enumerate(seq.ids) if i == img]
+    where = {v.index: blocks[k] for k, v in enumerate(seq.visuals)}
+    sentence = [_find(seq.ids, tok(" " + t, add_special_tokens=False).input_ids) for t in ORDER_TEXTS]
+    assert sentence == sorted(sentence) and where[3] == blocks[-1]  # texts in order; image 3 stays last
+    firsts = [where[0] < sentence[0], where[1] < sentence[1], where[2] < sentence[1]]
+    # every image stays next to its sentence; images on one side of it keep their order
+    assert where[0] < sentence[1] and all(sentence[0] < where[i] < sentence[2] for i in (1, 2))
+    assert firsts[1] != firsts[2] or where[1] < where[2]
+    return firsts
+
+
+def video_firsts(tok, seq: TokenSequence, subtitles: list[str]) -> list[bool]:
+    """For each frame: whether it stands before its subtitle (layout parsed block by block)."""
+    img = tok.convert_tokens_to_ids("[IMG]")
+    pos, firsts = 2, []  # after <s> [VIDEO]
+    for subtitle in subtitles:
+        n = len(tok(" " + subtitle, add_special_tokens=False).input_ids) if subtitle else 0  # blank: left out
+        firsts.append(seq.ids[pos] == img)
+        assert seq.ids[pos + (0 if firsts[-1] else n)] == img
+        pos += n + M + 2
+    assert seq.ids[pos] == tok.eos_token_id
+    return firsts
+
+
+def within_binomial(hits: int, n: int, p: float) -> bool:
+    return abs(hits / n - p) <= 4 * (p * (1 - p) / n) ** 0.5  # ~4 sigma: a real bias of a few % fails
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8])
+def test_interleaved_image_before_its_text_with_probability_p(tok, p):
+    b, rng = builder(tok, "pretrain", image_text_order_p=p), random.Random(7)
+    firsts = [interleaved_firsts(tok, b.build(order_doc(), rng)[0]) for _ in range(2000)]
+    flat = [f for row in firsts for f in row]
+    assert within_binomial(sum(flat), len(flat), p)
+    for image in range(3):  # one draw per image, not per sentence: each image alone and a pair jointly
+        assert within_binomial(sum(row[image] for row in firsts), len(firsts), p)
+    assert within_binomial(sum(row[1] and row[2] for row in firsts), len(firsts), p * p)
+    again = random.Random(7)  # the passed rng alone decides: the same seed gives the same orders
+    assert firsts[:50] == [interleaved_firsts(tok, b.build(order_doc(), again)[0]) for _ in range(50)]
+
+
+@pytest.mark.parametrize("p", [0.5, 0.8])
+def test_video_frame_before_its_subtitle_with_probability_p(tok, p):
+    subtitles = ["the red circle is at the top", "it moves", "", "a blue square"]
+    video = VideoText(key="yt", images=[png(i) for i in range(4)], subtitles=subtitles)
+    b, rng = builder(tok, "pretrain", image_text_order_p=p), random.Random(8)
+    firsts = [video_firsts(tok, b.build(video, rng)[0], subtitles) for _ in range(2000)]
+    spoken = [f for row in firsts for i, f in enumerate(row) if subtitles[i]]  # a blank subtitle has no side
+    assert within_binomial(sum(spoken), len(spoken), p)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_order_is_deterministic_at_p_0_and_1(tok, p):
+    b = builder(tok, "pretrain", image_text_order_p=p)
+    docs = {tok.decode(b.build(order_doc(), random.Random(seed))[0].ids) for seed in range(20)}
+    t0, t1, t2 = (" " + t for t in ORDER_TEXTS)
+    if p:
+        assert docs == {f"<s>{IMG_BLOCK}{t0}{IMG_BLOCK}{IMG_BLOCK}{t1}{t2}{IMG_BLOCK}</s>"}  # document order
+    else:
+        assert docs == {f"<s>{t0}{IMG_BLOCK}{t1}{IMG_BLOCK}{IMG_BLOCK}{t2}{IMG_BLOCK}</s>"}
+    video = VideoText(key="yt", images=[png(1), png(2)], subtitles=["it moves", "a blue square"])
+    assert len({tuple(b.build(video, random.Random(seed))[0].ids) for seed in range(20)}) == 1
 
 
 GROUNDED_TEXT = "a red circle at the top left and a blue square at the center."
@@ -293,6 +387,60 @@ def test_text_only(tok):
     assert s.visuals == [] and s.data_type == "text"
 
 
+def long_text(tok, tokens: int) -> str:
+    rng, text = random.Random(11), ""
+    while len(tok(" " + text, add_special_tokens=False).input_ids) < tokens:
+        text += world.paragraph(rng, sentences=8) + "\n"
+    return text
+
+
+def test_long_text_is_cut_into_max_len_chunks(tok):
+    text = long_text(tok, 5000)
+    ids = tok(" " + text.strip(), add_special_tokens=False).input_ids
+    assert len(ids) >= 5000
+    max_len = 512
+    chunks = builder(tok, "pretrain", max_len=max_len).build(TextOnly(key="pile-1", text=text), random.Random(0))
+    assert len(chunks) == -(-(len(ids) + 1) // (max_len - 1))  # <s> in each chunk, </s> once
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    for i, c in enumerate(chunks):
+        assert len(c) <= max_len and c.ids[0] == bos and c.key == "pile-1" and c.data_type == "text"
+        assert (c.ids[-1] == eos) == (i == len(chunks) - 1) and eos not in c.ids[:-1]
+        assert c.visuals == [] and c.targets[-1] == IGNORE
+        assert {t + 1 for t, y in enumerate(c.targets) if y != IGNORE} == set(range(1, len(c)))  # all but <s>
+    assert all(len(c) == max_len for c in chunks[:-1])
+    # the chunks are the text, in order, and their targets cover all of it and its </s>
+    assert [t for c in chunks for t in c.ids[1:]] == ids + [eos]
+    assert [y for c in chunks for y in c.targets if y != IGNORE] == ids + [eos]
+
+
+def test_text_chunks_never_end_in_eos_alone(tok):
+    text = "A circle has no corners. A triangle has three corners."
+    n = len(tok(" " + text, add_special_tokens=False).input_ids)
+    # n text tokens + </s> in chunks of max_len - 1 = n tokens would leave </s> alone
+    chunks = builder(tok, "pretrain", max_len=n + 1).build(TextOnly(key="t", text=text), random.Random(0))
+    assert [len(c) for c in chunks] == [n, 3]
+    assert tok.decode(chunks[1].ids).startswith("<s>") and chunks[1].ids[-1] == tok.eos_token_id
+    assert build1(builder(tok, "pretrain", max_len=n + 2), TextOnly(key="t", text=text)).ids[-1] == tok.eos_token_id
+
+
+def test_interleaved_text_longer_than_a_sequence_is_cut_into_pieces(tok):
+    text = long_text(tok, 300)
+    doc = Interleaved(key="web", images=[png(1), png(2)], segments=[
+        Segment(text="A circle has no corners."), Segment(image=0), Segment(text=text), Segment(image=1)])
+    b = builder(tok, "pretrain", image_text_order_p=1.0, max_len=64)  # too_long="error" (the default)
+    chunks = b.build(doc, random.Random(0))
+    whole = build1(builder(tok, "pretrain", image_text_order_p=1.0, max_len=4096), doc)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert len(chunks) > 4
+    for c in chunks:
+        assert len(c) <= 64 and c.ids[0] == bos and c.ids[-1] == eos and c.key == "web"
+        assert _blocks_intact(tok, c.ids) and len(c.visuals) == c.ids.count(tok.convert_tokens_to_ids("[IMG]"))
+    assert [t for c in chunks for t in c.ids[1:-1]] == whole.ids[1:-1]
+    assert [v.index for c in chunks for v in c.visuals] == [0, 1]
+    # the long text's first piece fills the sequence holding image 0; whole pieces fill the next
+    assert [len(c) for c in chunks[:-1]] == [64] * (len(chunks) - 1)
+
+
 def test_pretrain_rejects_instruction_kinds(tok):
     with pytest.raises(ValueError, match=r"'c'.*'chat'.*'pretrain'"):
         builder(tok, "pretrain").build(Chat(key="c", turns=[Turn("user", "hi"), Turn("assistant", "yo")]),
@@ -355,6 +503,69 @@ def test_chat_rejects_malformed_conversations(tok):
         s = chat_sample()
         s.images = s.images[:1]
         b.build(s, random.Random(0))
+
+
+def long_chat(turns: int = 40) -> Chat:
+    """`turns` exchanges; every third question shows an image."""
+    rng, conversation, images = random.Random(4), [], []
+    for i in range(turns):
+        scene = world.sample_scene(rng)
+        question = "What is in the picture?" if i % 3 else "<image> What is in the picture?"
+        images += [] if i % 3 else [png(i)]
+        conversation += [Turn("user", question), Turn("assistant", world.caption(scene))]
+    return Chat(key="chat-40", images=images, turns=conversation)
+
+
+@pytest.mark.parametrize("n", [N, 256])  # 256: Emu2-Chat's 16x16 images, truncated at 2,048 (§2.3.1)
+def test_long_chat_is_truncated_without_cutting_an_image(tok, n):
+    chat = long_chat()
+    full = build1(builder(tok, "chat", max_len=1 << 16, image_tokens=n), chat)
+    img, end, ph = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[/IMG]", "<image>"))
+    starts = [t for t, i in enumerate(full.ids) if i == img]
+    inside = [s + k for s in starts[1:4] for k in (1, 2, n + 1)]  # cuts inside the 2nd to 4th blocks
+    for max_len in [m for m in (*inside, 500, 1000, 2048) if m < len(full)]:
+        b = builder(tok, "chat", max_len=max_len, image_tokens=n)  # too_long="error" (the default)
+        s = build1(b, chat)
+        assert len(s) <= max_len < len(full)
+        assert s.ids == full.ids[:len(s)] and s.targets[:-1] == full.targets[:len(s) - 1]
+        assert s.ids.count(img) == s.ids.count(end) == len(s.visuals) and s.ids.count(ph) == n * len(s.visuals)
+        assert _blocks_intact(tok, s.ids, n)
+        assert [v.index for v in s.visuals] == list(range(len(s.visuals)))
+        assert full.targets[len(s) - 2] != IGNORE  # it ends on a supervised (answer) token
+        assert b.truncated == {"chat": 1} and not b.skipped
+        cut = [st for st in starts if st < max_len < st + n + 2]
+        assert all(len(s) <= st for st in cut)  # a block the cut would split is left out whole
+    assert build1(builder(tok, "chat", max_len=len(full), image_tokens=n), chat).ids == full.ids  # fits whole
+
+
+def test_chat_cut_inside_an_image_block_falls_before_it(tok):
+    chat = Chat(key="c2", images=[png(1)], turns=[
+        Turn("user", "What is a circle?"), Turn("assistant", "A shape with no corners."),
+        Turn("user", "<image> And this?"), Turn("assistant", "A red circle.")])
+    full = build1(builder(tok, "chat", max_len=4096), chat)
+    start = full.ids.index(tok.convert_tokens_to_ids("[IMG]"))
+    first_eos = full.ids.index(tok.eos_token_id)
+    for max_len in range(start + 1, start + N + 2):  # every cut inside the block
+        s = build1(builder(tok, "chat", max_len=max_len), chat)
+        assert s.ids == full.ids[:first_eos + 1] and s.visuals == []
+        assert tok.decode(s.ids).endswith("[ASSISTANT]: A shape with no corners.</s>")
+    # the block kept whole once an answer token after it fits
+    answer = full.ids.index(tok.convert_tokens_to_ids("[ASSISTANT]"), start) + 2
+    s = build1(builder(tok, "chat", max_len=answer + 1), chat)
+    assert s.ids == full.ids[:answer + 1] and [v.index for v in s.visuals] == [0] and _blocks_intact(tok, s.ids)
+
+
+def test_chat_without_an_answer_within_max_len_is_too_long(tok):
+    vqa = VQA(key="q-long", images=[png()], question_id=1, image_id=1, question="what color is the circle?",
+              answers=["red"], multiple_choice_answer="red")
+    full = build1(builder(tok, "chat"), vqa)
+    first = next(t for t, y in enumerate(full.targets) if y != IGNORE) + 1  # position of the first answer token
+    with pytest.raises(ValueError, match=rf"'q-long' \(academic\) keeps no answer token when truncated: its first "
+                                         rf"answer token is token {first + 1}, more than max_len={first}"):
+        builder(tok, "chat", max_len=first).build(vqa, random.Random(0))
+    skip = builder(tok, "chat", max_len=first, too_long="skip")
+    assert skip.build(vqa, random.Random(0)) == [] and skip.skipped == {"too_long": 1} and not skip.truncated
+    assert len(build1(builder(tok, "chat", max_len=first + 1), vqa)) == first + 1
 
 
 def test_vqa_and_captions_are_academic_questions(tok):
