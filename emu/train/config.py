@@ -87,9 +87,18 @@ class RuntimeConfig:
 class SequenceConfig:
     """How samples become LM rows (emu.data.sequence, emu.data.packing)."""
 
-    max_len: int = 1024        # tokens per row, visual tokens included (Emu2 MMC4 subsequences: L = 1024)
+    #: Tokens per row, visual tokens included. The default, 1,024, is the MMC4 subsequence length
+    #: L (and the tiny preset's LM context); the emu2-37b preset uses 2,048, LLaMA-33B's context:
+    #: the length of Emu2's Pile text chunks (App. A.1) and where Emu2-Chat truncates (§2.3.1).
+    #: Longer samples are chunked (text), split (interleaved) or truncated (chat) to it
+    #: (emu.data.sequence).
+    max_len: int = 1024
     packing: bool = True       # several sequences per row, block-diagonal attention
-    too_long: Literal["error", "skip"] = "error"  # a sequence that cannot fit max_len
+    #: A sequence that cannot be chunked or truncated to max_len (an image block alone longer
+    #: than a row, a chat with no answer token within max_len, a pair, video, grounded or gen
+    #: sequence over it): "error" stops the stage (before the first step when the manifests
+    #: show it, emu.train.preflight), "skip" leaves the sample out and counts it.
+    too_long: Literal["error", "skip"] = "error"
 
     def __post_init__(self) -> None:
         if self.max_len < 8:
@@ -182,7 +191,9 @@ class Stage2Config:
         "image_text": 8, "video_text": 2, "interleaved": 2, "video_interleaved": 2, "grounded": 4, "text": 2})
     lr: float = 1e-5
     image_size: int = 448
-    image_text_order_p: float = 0.5  # probability the image comes before its text (Emu2 App. B.1)
+    #: Probability that an image comes before its text, else after it (Emu2 App. A.1, B.1: 0.5): a
+    #: pair's caption, an interleaved image's sentence, a video frame's subtitle; one draw each.
+    image_text_order_p: float = 0.5
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     trainable: list[str] = field(default_factory=lambda: ["project_up", "lm", "project_down"])
