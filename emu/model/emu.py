@@ -20,7 +20,16 @@ position t predicts whatever comes at t + 1:
     loss       = text_weight * text_loss + image_weight * image_loss
 
 Token means (not per-sample means) make a packed row of several samples score exactly as the
-samples do apart. Which targets count is decided per stage by whoever builds the batch:
+samples do apart.
+
+Every forward calls each module exactly once, in the same order, whatever the batch holds: the
+encoder once on all images and frames together (on one blank image when `encode_blank` is set and
+the batch has none), `project_up` once on all visual embeddings, `lm_head` and `project_down` once
+each (on one row when nothing is scored). What a module computes without being needed enters the
+loss with weight 0 (`EmuOutput.anchor`). Data-parallel ranks hold different batches, and ZeRO-3
+gathers a module's parameters at each call while ZeRO-2 reduces gradients bucket by bucket: ranks
+that called different modules, or the same module a different number of times, would stop lining
+up (DESIGN.md multi-rank rules). Which targets count is decided per stage by whoever builds the batch:
 stage 1 supervises text only, stage 2 text and every image, chat the answers only, gen the last
 image only (emu.train builds the masks; this module only applies them).
 """
@@ -32,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from emu.model.cformer import CausalFormer
 from emu.model.config import EmuConfig, LMConfig
@@ -60,6 +69,9 @@ class EmuOutput:
     image_loss: torch.Tensor
     text_targets: int    # how many text targets were supervised
     image_targets: int   # how many visual embeddings were regressed
+    #: A zero connected to each module this forward ran without needing it (module docstring):
+    #: `loss` includes it; a trainer weighting the parts itself must add it too.
+    anchor: torch.Tensor | None = None
 
 
 def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
@@ -67,21 +79,35 @@ def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
     (a local folder; s3:// URIs are fetched by emu.model.io first). Embeddings are resized to
     `vocab_size` (the tokenizer with the Emu2 special tokens)."""
     if config.pretrained:
-        from transformers import AutoModelForCausalLM
-
         from emu.model.io import local_folder
 
         lm = AutoModelForCausalLM.from_pretrained(str(local_folder(config.pretrained)), local_files_only=True,
                                                   attn_implementation=config.attn_implementation)
     else:
-        lm = LlamaForCausalLM(LlamaConfig(
+        # from_config, not the class itself: under ZeRO-3 transformers then builds it partitioned
+        # and initialises it gathered (emu.train.engine.PartitionedInit).
+        lm = AutoModelForCausalLM.from_config(LlamaConfig(
             vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
             max_position_embeddings=config.max_positions, rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation=config.attn_implementation))
+            rope_theta=config.rope_theta, tie_word_embeddings=False), attn_implementation=config.attn_implementation)
     if lm.get_input_embeddings().num_embeddings != vocab_size:
         lm.resize_token_embeddings(vocab_size)
     return lm
+
+
+class Projection(nn.Linear):
+    """A bias-free linear map initialised like the LM's own linear layers (normal, std =
+    initializer_range, 0.02 for LLaMA), not PyTorch's fan-in default: visual inputs then enter at
+    a scale the LM's pretrained (or freshly initialised) layers are used to. The init runs in the
+    constructor, so a model built partitioned (ZeRO-3) gets it before its weights are split."""
+
+    def __init__(self, in_features: int, out_features: int, std: float):
+        self.std = std
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
 
 
 class EmuModel(nn.Module):
@@ -97,14 +123,9 @@ class EmuModel(nn.Module):
                         if config.connector == "cformer" else None)
         self.lm = lm
         hidden = lm.get_input_embeddings().embedding_dim
-        self.project_up = nn.Linear(config.visual_dim, hidden, bias=False)    # EVA space -> LM
-        self.project_down = nn.Linear(hidden, config.visual_dim, bias=False)  # LM -> EVA space (regression)
-        # New layers start like the LM's own linear layers (normal, std = initializer_range, 0.02
-        # for LLaMA), not PyTorch's fan-in default: visual inputs then enter at a scale the LM's
-        # pretrained (or freshly initialised) layers are used to.
         std = getattr(lm.config, "initializer_range", 0.02)
-        for layer in (self.project_up, self.project_down):
-            nn.init.normal_(layer.weight, std=std)
+        self.project_up = Projection(config.visual_dim, hidden, std)    # EVA space -> LM
+        self.project_down = Projection(hidden, config.visual_dim, std)  # LM -> EVA space (regression)
 
     @classmethod
     def build(cls, config: EmuConfig, tokenizer) -> EmuModel:
@@ -120,13 +141,22 @@ class EmuModel(nn.Module):
         """(B, 3, S, S) normalised pixels -> (B, n, D_vis) visual embeddings: the ViT's patch
         tokens mean-pooled to side x side (Emu2), or the C-Former's queries (Emu1). Runs without
         autograd when nothing in the encoder trains (stages 2, decoder, instruct)."""
+        return self._encode([(pixels_BCHW, self.config.image_tokens_side if side is None else side)])[0]
+
+    def _encode(self, inputs: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Several pixel batches (each with its pooled side) through one encoder call."""
         trainable = any(p.requires_grad for p in self.visual.parameters()) or (
             self.cformer is not None and any(p.requires_grad for p in self.cformer.parameters()))
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            tokens = self.visual(pixels_BCHW)
+            tokens = self.visual(torch.cat([pixels for pixels, _ in inputs]))
             if self.cformer is not None:
-                return self.cformer(tokens)
-            return pool_patches(tokens, self.config.image_tokens_side if side is None else side)
+                tokens = self.cformer(tokens)
+            out, start = [], 0
+            for pixels, side in inputs:
+                part = tokens[start:start + pixels.shape[0]]
+                out.append(part if self.cformer is not None else pool_patches(part, side))
+                start += pixels.shape[0]
+            return out
 
     # ---- sequence embedding ----------------------------------------------------------------
 
@@ -134,8 +164,16 @@ class EmuModel(nn.Module):
               frame_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each `<image>` / `[gIMG]` position replaced, in row-major order,
         by project_up of the next visual embedding (official emu.py fills them the same way)."""
+        return self._embed(input_ids_BT, image_embeds, frame_embeds)[0]
+
+    def _embed(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None,
+               frame_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`embed`, and the anchor of project_up when no visual embedding needed it: project_up
+        runs exactly once either way, before the LM (module docstring)."""
         embeds = self.lm.get_input_embeddings()(input_ids_BT)
-        for token_id, visual in ((self.token_ids.image, image_embeds), (self.token_ids.frame, frame_embeds)):
+        kinds = [(self.token_ids.image, image_embeds), (self.token_ids.frame, frame_embeds)]
+        masks, flat = [], []
+        for token_id, visual in kinds:
             mask = input_ids_BT == token_id
             count = int(mask.sum())
             given = 0 if visual is None else visual.shape[0] * visual.shape[1]
@@ -143,18 +181,29 @@ class EmuModel(nn.Module):
                 raise ValueError(f"the sequence has {count} visual placeholders (token {token_id}) but "
                                  f"{given} visual embeddings were given")
             if count:
-                up = self.project_up(visual.reshape(-1, visual.shape[-1]).to(self.project_up.weight.dtype))
-                embeds = embeds.masked_scatter(mask.unsqueeze(-1), up.to(embeds.dtype))
-        return embeds
+                masks.append(mask)
+                flat.append(visual.reshape(-1, visual.shape[-1]))
+        if not flat:
+            return embeds, self.project_up(embeds.new_zeros(1, self.config.visual_dim,
+                                                            dtype=self.project_up.weight.dtype)).sum()
+        up = self.project_up(torch.cat(flat).to(self.project_up.weight.dtype)).to(embeds.dtype)
+        start = 0
+        for mask, visual in zip(masks, flat):
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), up[start:start + visual.shape[0]])
+            start += visual.shape[0]
+        return embeds, None
 
     def hidden_states(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
                       frame_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states of the LM body, (B, T, H)."""
-        embeds = self.embed(input_ids_BT, image_embeds, frame_embeds)
+        return self._hidden_states(input_ids_BT, image_embeds, frame_embeds, attention_mask, position_ids)[0]
+
+    def _hidden_states(self, input_ids_BT, image_embeds, frame_embeds, attention_mask, position_ids):
+        embeds, anchor = self._embed(input_ids_BT, image_embeds, frame_embeds)
         out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+        return out.last_hidden_state, anchor
 
     # ---- the objective ---------------------------------------------------------------------
 
@@ -163,28 +212,42 @@ class EmuModel(nn.Module):
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                 frames: torch.Tensor | None = None, frame_embeds: torch.Tensor | None = None,
                 image_regress: torch.Tensor | None = None, frame_regress: torch.Tensor | None = None,
-                text_weight: float = 1.0, image_weight: float = 1.0) -> EmuOutput:
+                text_weight: float = 1.0, image_weight: float = 1.0, encode_blank: bool = False) -> EmuOutput:
         """The unified loss of the module docstring.
 
         input_ids (B, T); text_targets (B, T): the token h_t must predict, or IGNORE.
         Visual inputs, each in the order the images appear in the batch (row-major):
         images (N_img, 3, S, S) pixels or image_embeds (N_img, n, D_vis) precomputed; the same for
         video frames. image_regress / frame_regress (N,) bool: whether each image's embeddings
-        are regression targets (default: none are).
+        are regression targets (default: none are). encode_blank: run the encoder on one blank
+        image when no pixels are given (a trainer that encodes online sets it, module docstring).
         """
-        if image_embeds is None and images is not None:
-            image_embeds = self.encode_images(images, self.config.image_tokens_side)
-        if frame_embeds is None and frames is not None:
-            frame_embeds = self.encode_images(frames, self.config.video_tokens_side)
-        hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids)
+        anchors = []
+        pending = [(pixels, side) for pixels, embeds, side in (
+            (images, image_embeds, self.config.image_tokens_side), (frames, frame_embeds, self.config.video_tokens_side))
+            if embeds is None and pixels is not None]
+        if pending:
+            encoded = iter(self._encode(pending))
+            if image_embeds is None and images is not None:
+                image_embeds = next(encoded)
+            if frame_embeds is None and frames is not None:
+                frame_embeds = next(encoded)
+        elif encode_blank:
+            size = self.visual.config.image_size
+            blank = self.project_up.weight.new_zeros(1, 3, size, size, dtype=next(self.visual.parameters()).dtype)
+            anchors.append(self._encode([(blank, self.config.image_tokens_side)])[0].sum())
+        hidden, up_anchor = self._hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids)
+        if up_anchor is not None:
+            anchors.append(up_anchor)
 
         supervised = text_targets != IGNORE
         n_text = int(supervised.sum())
+        scored = hidden[supervised] if n_text else hidden.reshape(-1, hidden.shape[-1])[:1]
+        logits = self.lm.get_output_embeddings()(scored)  # only where scored: saves memory
         if n_text:
-            logits = self.lm.get_output_embeddings()(hidden[supervised])  # only where scored: saves memory
             text_loss = F.cross_entropy(logits.float(), text_targets[supervised])
         else:
-            text_loss = hidden.sum() * 0.0
+            text_loss = logits.float().sum() * 0.0
 
         predictions, targets = [], []
         for token_id, visual, regress in ((self.token_ids.image, image_embeds, image_regress),
@@ -202,8 +265,9 @@ class EmuModel(nn.Module):
             image_loss = F.mse_loss(predicted.float(), target.float())
             n_image = predicted.shape[0]
         else:
-            image_loss = hidden.sum() * 0.0
+            image_loss = self.project_down(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum() * 0.0
             n_image = 0
-        loss = text_weight * text_loss + image_weight * image_loss
+        anchor = sum(a.float() for a in anchors) * 0.0 if anchors else text_loss.new_zeros(())
+        loss = text_weight * text_loss + image_weight * image_loss + anchor
         return EmuOutput(loss=loss, text_loss=text_loss, image_loss=image_loss,
-                         text_targets=n_text, image_targets=n_image)
+                         text_targets=n_text, image_targets=n_image, anchor=anchor)

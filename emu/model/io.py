@@ -10,7 +10,9 @@ The LM keeps its own folder so any Hugging Face tool can open it alone, and larg
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from emu.config import from_dict, to_dict
 from emu.errors import ConfigError
 from emu.model.config import EmuConfig
 from emu.model.emu import EmuModel, VisualTokenIds
+from emu.model.vision import interpolate_positions
 
 FORMAT = "emu-model"
 VERSION = 1
@@ -47,8 +50,15 @@ def save_model(model: EmuModel, tokenizer, folder: Path, state_dict: dict[str, t
     return folder
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[EmuModel, object]:
-    """Load (model, tokenizer) from a folder written by `save_model`, or an s3:// URI of one."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None, image_size: int | None = None,
+               load_weights: WeightLoader | None = None) -> tuple[EmuModel, object]:
+    """Load (model, tokenizer) from a folder written by `save_model`, or an s3:// URI of one.
+
+    `image_size`: build the encoder for that input size, its stored position embeddings
+    interpolated to the new patch grid (Emu2 raises the resolution between stages, §2.2.2).
+    `load_weights(model, file, resize=...)` fills the non-LM weights from model.safetensors; the
+    default loads them whole (the trainer passes a loader that fills ZeRO-3 partitions from rank 0).
+    """
     from transformers import AutoModelForCausalLM
 
     from emu.data.tokenizer import load_tokenizer
@@ -62,16 +72,41 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> tuple[EmuM
     if lm.get_input_embeddings().num_embeddings != len(tokenizer):
         raise ConfigError(f"{folder}: the LM has {lm.get_input_embeddings().num_embeddings} embedding rows "
                           f"but the tokenizer {len(tokenizer)} tokens")
+    resize = {}
+    if image_size is not None and image_size != config.vision.image_size:
+        vision = dataclasses.replace(config.vision, image_size=image_size)
+        config = dataclasses.replace(config, vision=vision)
+        resize["visual.pos_embed"] = lambda stored: interpolate_positions(stored, vision.grid)
     model = EmuModel(config, VisualTokenIds(**meta["token_ids"]), lm)
-    weights = load_file(str(folder / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("lm.")]
-    if missing or unexpected:
-        raise ConfigError(f"{folder}/{WEIGHTS_FILE} does not match its emu.json: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+    (load_weights or load_weights_whole)(model, folder / WEIGHTS_FILE, resize=resize)
     if dtype is not None:
         model.to(dtype)
     return model, tokenizer
+
+
+#: fills a model's non-LM weights from a safetensors file: (model, file, resize={key: fn}) -> None
+WeightLoader = Callable[..., None]
+
+
+def load_weights_whole(model: EmuModel, file: Path, resize: dict[str, Callable] | None = None) -> None:
+    """The non-LM weights of `file` into `model`, all at once (one process, or ZeRO 0-2)."""
+    resize = resize or {}
+    stored = load_file(str(file))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("lm.")}
+    check_state_keys(file, expected, {k: tuple(v.shape) for k, v in stored.items()}, set(resize))
+    model.load_state_dict({k: resize[k](v) if k in resize else v for k, v in stored.items()}, strict=False)
+
+
+def check_state_keys(file: Path, expected: dict[str, tuple], stored: dict[str, tuple], resized: set[str]) -> None:
+    """Refuse a weights file whose keys or shapes differ from the model's (no silent partial load);
+    `resized` keys are adapted to the model's shape on load, so only their presence counts."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    shapes = [f"{k} {stored[k]} (model {expected[k]})" for k in sorted(set(expected) & set(stored))
+              if k not in resized and stored[k] != expected[k]]
+    if missing or unexpected or shapes:
+        raise ConfigError(f"{file} does not match its emu.json: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}, other shapes {shapes[:5]}")
 
 
 def _read_meta(folder: Path) -> dict:

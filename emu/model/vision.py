@@ -42,10 +42,12 @@ class Attention(nn.Module):
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         B, N, D = x_BND.shape
-        bias = None
+        # Call the qkv module (not F.linear on its weight): ZeRO-3 gathers a module's weights
+        # when the module itself runs, so a weight read from outside it would be its empty shard.
+        qkv = self.qkv(x_BND)
         if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x_BND, self.qkv.weight, bias).reshape(B, N, 3, self.heads, D // self.heads)
+            qkv = qkv + torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = qkv.reshape(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5, as the original
         return self.proj(out.transpose(1, 2).reshape(B, N, D))

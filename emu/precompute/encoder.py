@@ -91,7 +91,7 @@ def read_model_config(folder: Path) -> EmuConfig:
 def load_encoder(model: str | Path, image_size: int = 0) -> Encoder:
     """The encoder of a saved Emu model (folder or s3:// URI), with positions resized for
     `image_size` (0 = the model's) exactly as a training stage resizes them
-    (emu.train.stages._set_input_resolution), so its weights hash equals the stage model's."""
+    (emu.model.io.load_model with image_size), so its weights hash equals the stage model's."""
     from safetensors import safe_open
 
     folder = local_folder(model)

@@ -62,6 +62,10 @@ class RuntimeConfig:
 
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 0
+    #: ZeRO-3: parameters of at most this many elements stay whole on every rank instead of being
+    #: gathered at each use (DeepSpeed's stage3_param_persistence_threshold, same default); 0
+    #: partitions every parameter (the multi-rank tests use it, so every gather must line up).
+    zero3_persistence_threshold: int = 100_000
     micro_batch_size: int = 4  # packed rows per forward/backward; a step accumulates as many as it needs
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
@@ -77,6 +81,8 @@ class RuntimeConfig:
         for name in ("micro_batch_size", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero3_persistence_threshold < 0:
+            raise ConfigError(f"runtime.zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"runtime.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.peak_tflops < 0 or not math.isfinite(self.peak_tflops):
@@ -232,6 +238,17 @@ class DecoderTrainConfig:
     encoder: str = ""
     #: Decoder folder to start from (e.g. a converted SDXL); empty: build from `visual_decoder`.
     init: str = ""
+    #: SDXL's augmentation, drawn anew per image and step: ratio-preserving random scaling and a
+    #: random square crop, passed to the UNet as size/crop conditions (Emu2 App. B.3.1), and latents
+    #: drawn from the VAE posterior (SDXL training). False: the deterministic view `emu precompute`
+    #: stores, the centred crop of the image scaled to `output_size` on its short side and the
+    #: posterior mode, so that online encoding gives exactly the precomputed inputs.
+    augment: bool = True
+    #: Precompute output folder (`emu precompute` with precompute.latents=true, this decoder's VAE
+    #: and the `encoder` model) to read latents, crop embeddings and time ids from instead of
+    #: running the frozen encoder and VAE every step: both are frozen (Emu2 §2.2.3), so their outputs
+    #: are a fixed function of each image. The store holds one center crop per image, so it needs
+    #: `augment` false. Empty: encode online, in micro-batches of runtime.micro_batch_size.
     precomputed: str = ""
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, grad_clip=1.0))
@@ -247,6 +264,11 @@ class DecoderTrainConfig:
             raise ConfigError(f"decoder.condition_drop must be in [0, 1), got {self.condition_drop}")
         if self.noise_offset < 0:
             raise ConfigError(f"decoder.noise_offset must be >= 0, got {self.noise_offset}")
+        if self.precomputed and self.augment:
+            raise ConfigError(f"decoder.augment must be false with decoder.precomputed ({self.precomputed}): the "
+                              "precompute stores one center crop per image and the VAE posterior mode, there is "
+                              "nothing to augment; set decoder.augment=false (or clear decoder.precomputed to "
+                              "encode online with SDXL's random scale-and-crop)")
 
 
 @dataclass

@@ -59,13 +59,33 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum small per-rank numbers (token counts) across ranks."""
+def collective_device() -> torch.device:
+    """Where small collectives must live: NCCL reduces only CUDA tensors, gloo only CPU ones."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float], device: torch.device | None = None) -> list[float]:
+    """Sum small per-rank numbers (token counts, losses) across ranks, on `device` (default: the
+    process group's device: a CPU tensor on an NCCL group fails at the first step)."""
+    return _all_reduce(values, "sum", device)
+
+
+def all_reduce_max(values: list[float], device: torch.device | None = None) -> list[float]:
+    """The largest of each per-rank number (micro-batches per step) across ranks."""
+    return _all_reduce(values, "max", device)
+
+
+def _all_reduce(values: list[float], op: str, device: torch.device | None) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device or collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor.tolist()
 
 
@@ -83,6 +103,8 @@ def deepspeed_config(runtime: RuntimeConfig, optimizer: OptimizerConfig) -> dict
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if runtime.zero_stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = runtime.zero3_persistence_threshold
     return config
 
 
@@ -117,14 +139,23 @@ class Engine:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> None:
-        """Clip, update, advance the LR schedule. Records the pre-clip global gradient norm."""
-        norm = None
-        if not self.engine.zero_optimization():  # ZeRO 0 does not expose it: use the full local grads
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-        self.engine.step()
-        if norm is None:  # ZeRO computes it inside step()
+        """Reduce gradients, clip, update, advance the LR schedule. Records the pre-clip global
+        gradient norm."""
+        if self.engine.zero_optimization() or self.engine.bfloat16_enabled():
+            self.engine.step()  # ZeRO and the bf16 optimizer compute the global norm inside step()
             norm = self.engine.get_global_grad_norm()
+        else:
+            # Plain data parallel: DeepSpeed would all-reduce inside step() and never report the
+            # norm. Reduce first (the averaging all-reduce step() runs at its boundary), so the
+            # norm is the global one, not this rank's; then step without a second reduction.
+            self.engine.buffered_allreduce_fallback()
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else 0.0
+            self.engine.enable_backward_allreduce = False
+            try:
+                self.engine.step()
+            finally:
+                self.engine.enable_backward_allreduce = True
         self._grad_norm = None if norm is None else float(norm)
 
     @property
@@ -145,15 +176,118 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag} under {folder}")
         return client_state or {}
 
-    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on every rank (ZeRO-3 gathers its partitions first)."""
-        import deepspeed
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on CPU for rank 0 to save; None on the other ranks. ZeRO-3 gathers one
+        module at a time onto rank 0, so no rank ever holds the whole model at once."""
+        import torch.distributed as dist
 
-        module = self.engine.module
         if self.engine.zero_optimization_partition_weights():
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
+
+class PartitionedInit:
+    """Where models are built for a stage: under ZeRO-3, inside `deepspeed.zero.Init` (each module's
+    parameters are partitioned as soon as it is constructed) with transformers told about ZeRO-3
+    (`HfDeepSpeedConfig`: its from_pretrained reads checkpoints on rank 0 into the partitions and
+    initialises fresh weights gathered), so host memory holds one partition per rank instead of a
+    whole fp32 model per rank (DESIGN.md multi-rank rules). Other ZeRO stages: plain construction.
+
+        with PartitionedInit(runtime, optimizer) as init:
+            model, tokenizer = load_model(path, load_weights=init.load_weights)
+    """
+
+    def __init__(self, runtime: RuntimeConfig, optimizer: OptimizerConfig):
+        self.enabled = runtime.zero_stage == 3
+        self._config = deepspeed_config(runtime, optimizer)
+        self._zero_init = None
+        self._hf_config = None
+
+    def __enter__(self) -> PartitionedInit:
+        if self.enabled:
+            import deepspeed
+            from transformers.integrations import HfDeepSpeedConfig
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            # transformers keeps only a weak reference: it must live while models are built and resized.
+            self._hf_config = HfDeepSpeedConfig(self._config)
+            self._zero_init = deepspeed.zero.Init(config_dict_or_path=self._config)
+            self._zero_init.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._zero_init is not None:
+            self._zero_init.__exit__(*exc)
+            self._zero_init = None
+        # Models are built: transformers forgets ZeRO-3, so nothing built later in this process
+        # (another stage, a test) is partitioned by accident.
+        self._hf_config = None
+
+    def load_weights(self, model: nn.Module, file: Path, skip_prefix: str = "lm.",
+                     resize: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
+        """Copy a safetensors file's tensors into `model` (keys = its state-dict names, except those
+        under `skip_prefix`, which another loader fills), refusing missing or unexpected keys and
+        other shapes. `resize[key]` adapts a stored tensor to the model's shape (positions
+        interpolated to the stage's input size). Partitioned (ZeRO-3): rank 0 alone reads the
+        file, tensor by tensor, into each module's gathered parameters."""
+        from emu.model.io import check_state_keys, load_weights_whole
+
+        if not self.enabled:
+            load_weights_whole(model, file, resize)
+            return
+        resize = resize or {}
+        expected = {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in _named_tensors(model)
+                    if not k.startswith(skip_prefix)}
+        import deepspeed
+        import torch.distributed as dist
+        from safetensors import safe_open
+
+        rank = dist.get_rank()
+        handle = safe_open(str(file), framework="pt") if rank == 0 else None
+        problem: list[str | None] = [None]
+        if rank == 0:
+            try:
+                check_state_keys(file, expected, {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()},
+                                 set(resize))
+            except Exception as exc:  # every rank must learn of it, or the others wait in a gather forever
+                problem = [str(exc)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            from emu.errors import ConfigError
+
+            raise ConfigError(problem[0])
+        for prefix, module in model.named_modules():
+            if prefix == skip_prefix.rstrip(".") or prefix.startswith(skip_prefix):
+                continue
+            params = dict(module.named_parameters(recurse=False))
+            buffers = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
+            if not params and not buffers:
+                continue
+            stored = {}
+            if rank == 0:
+                for name in [*params, *buffers]:
+                    key = f"{prefix}.{name}" if prefix else name
+                    stored[name] = resize[key](handle.get_tensor(key)) if key in resize else handle.get_tensor(key)
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+                if rank == 0:
+                    for name, param in params.items():
+                        param.data.copy_(stored[name])
+            for name, buffer in buffers.items():  # buffers are not partitioned: every rank takes rank 0's
+                value = stored[name].to(buffer.device, buffer.dtype) if rank == 0 else torch.empty_like(buffer)
+                dist.broadcast(value, src=0)
+                with torch.no_grad():
+                    buffer.copy_(value)
+
+
+def _named_tensors(model: nn.Module):
+    """State-dict entries (parameters and persistent buffers) without materialising ZeRO-3 ones."""
+    yield from model.named_parameters()
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buffer
 
 
 def _free_port() -> int:

@@ -56,16 +56,22 @@ class FlopModel:
 
 
 def flop_model(model, encoder_trains: bool) -> FlopModel:
-    """The FlopModel of an EmuModel (emu.model.emu)."""
+    """The FlopModel of an EmuModel (emu.model.emu). Sizes are read from the full parameter
+    shapes: under ZeRO-3 a parameter's own tensor is this rank's shard (or empty)."""
     lm = model.lm
-    embed = lm.get_input_embeddings().weight.numel() + lm.get_output_embeddings().weight.numel()
-    lm_params = sum(p.numel() for p in lm.parameters()) - embed
+    embed = numel(lm.get_input_embeddings().weight) + numel(lm.get_output_embeddings().weight)
+    lm_params = sum(numel(p) for p in lm.parameters()) - embed
     vit = model.visual
     cfg = model.config.vision
     return FlopModel(lm_params=lm_params, lm_layers=lm.config.num_hidden_layers, lm_width=lm.config.hidden_size,
-                     vocab=lm.get_output_embeddings().weight.shape[0],
-                     vit_params=sum(p.numel() for p in vit.parameters()), vit_layers=cfg.layers,
+                     vocab=lm.get_output_embeddings().out_features,
+                     vit_params=sum(numel(p) for p in vit.parameters()), vit_layers=cfg.layers,
                      vit_width=cfg.width, vit_tokens=cfg.grid ** 2 + 1, encoder_trains=encoder_trains)
+
+
+def numel(param) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only a shard of it (`ds_numel`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def peak_flops(configured_tflops: float) -> float | None:

@@ -29,7 +29,7 @@ from emu.errors import ConfigError
 from emu.model.config import DecoderConfig, EmuConfig
 from emu.model.emu import EmuModel
 from emu.model.io import load_model, save_model
-from emu.model.vision import interpolate_positions, resize_position_embeddings
+from emu.model.vision import interpolate_positions
 from emu.train import engine as engine_mod
 from emu.train.config import DecoderTrainConfig, InstructConfig, RuntimeConfig, Stage1Config, Stage2Config
 from emu.train.data import build_mixture
@@ -62,12 +62,15 @@ def _start(stage: str, config: Any, out: Path) -> tuple[int, int]:
 
 
 def _freeze(model: EmuModel, trainable: list[str]) -> None:
+    """Trained parts in train mode with gradients, frozen parts in eval mode without: a model
+    loaded from a folder comes back in eval mode (transformers' from_pretrained), where the LM's
+    gradient checkpointing and any dropout are silently off."""
+    model.train()
     for name in ("visual", "cformer", "project_up", "lm", "project_down"):
         module = getattr(model, name)
         if module is not None:
             module.requires_grad_(name in trainable)
-    if "visual" not in trainable:
-        model.visual.eval()
+            module.train(name in trainable)
 
 
 def _group(name: str, modules: list, lr: float) -> dict[str, Any]:
@@ -82,15 +85,15 @@ def _enable_checkpointing(model: EmuModel, runtime: RuntimeConfig) -> None:
 
 def _export(engine: engine_mod.Engine, model: EmuModel, tokenizer, folder: Path, rank: int,
             image_size: int | None = None) -> Path:
-    """Save the consolidated weights (gathered from ZeRO partitions); with `image_size`, the
-    positions are baked for that input resolution and the config says so."""
+    """Save the consolidated weights (gathered from ZeRO partitions onto rank 0); with
+    `image_size`, the positions are baked for that input resolution and the config says so."""
     state = engine.consolidated_state_dict()
-    config = model.config
-    if image_size is not None and image_size != config.vision.image_size:
-        grid = image_size // config.vision.patch_size
-        state["visual.pos_embed"] = interpolate_positions(state["visual.pos_embed"], grid)
-        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
     if rank == 0:
+        config = model.config
+        if image_size is not None and image_size != config.vision.image_size:
+            grid = image_size // config.vision.patch_size
+            state["visual.pos_embed"] = interpolate_positions(state["visual.pos_embed"], grid)
+            config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
         save_model(model, tokenizer, folder, state_dict=state, config=config)
     engine_mod.barrier()
     return folder
@@ -106,10 +109,11 @@ def _finish(stage: str, out: Path, export: Path, summary: TrainSummary, rank: in
     return StageResult(stage=stage, out_dir=out, export=export, summary=record)
 
 
-def _load_init(init: str, stage: str) -> tuple[EmuModel, Any]:
-    if not init:
+def _load_init(config, stage: str, init: engine_mod.PartitionedInit) -> tuple[EmuModel, Any]:
+    """The previous stage's model at this stage's input size (partitioned under ZeRO-3)."""
+    if not config.init:
         raise ConfigError(f"{stage}.init must name the previous stage's model (a folder or s3:// URI)")
-    return load_model(init)
+    return load_model(config.init, image_size=config.image_size, load_weights=init.load_weights)
 
 
 def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, rank, world, weights=None,
@@ -126,25 +130,19 @@ def _preflight(stage: str, config, data: list[Path], rules: SequenceRules) -> No
                         rules.too_long, max_frames=getattr(config, "video_frames", None))
 
 
-def _set_input_resolution(model: EmuModel, image_size: int) -> None:
-    """Use `image_size` inputs: positions are interpolated (emu.model.vision), then baked in."""
-    if model.config.vision.image_size != image_size:
-        resize_position_embeddings(model.visual, image_size)
-        model.config = dataclasses.replace(model.config, vision=model.visual.config)
-
-
 # ---- stage 1 -----------------------------------------------------------------------------------
 
 def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out: Path) -> StageResult:
     """Pretraining on image/video-text pairs with the captioning loss only (Emu2 §2.2.2)."""
     out = Path(out)
     rank, world = _start("stage1", config, out)
-    if config.init:
-        model, tokenizer = load_model(config.init)
-    else:
-        tokenizer = _tokenizer_for(config, data)
-        model = EmuModel.build(architecture, tokenizer)
-    _set_input_resolution(model, config.image_size)
+    with engine_mod.PartitionedInit(config.runtime, config.optimizer) as init:
+        if config.init:
+            model, tokenizer = _load_init(config, "stage1", init)
+        else:
+            tokenizer = _tokenizer_for(config, data)
+            vision = dataclasses.replace(architecture.vision, image_size=config.image_size)
+            model = EmuModel.build(dataclasses.replace(architecture, vision=vision), tokenizer)
     _freeze(model, config.trainable)
     _enable_checkpointing(model, config.runtime)
     groups = [_group("encoder", [model.visual, model.cformer], config.lr_encoder),
@@ -198,8 +196,8 @@ def stage2(config: Stage2Config, data: list[Path], out: Path) -> StageResult:
     """Pretraining on the mixture with text CE + visual regression; encoder frozen (Emu2 §2.2.2)."""
     out = Path(out)
     rank, world = _start("stage2", config, out)
-    model, tokenizer = _load_init(config.init, "stage2")
-    _set_input_resolution(model, config.image_size)
+    with engine_mod.PartitionedInit(config.runtime, config.optimizer) as init:
+        model, tokenizer = _load_init(config, "stage2", init)
     _freeze(model, config.trainable)
     _enable_checkpointing(model, config.runtime)
     engine = engine_mod.Engine(model, [_group("trainable", [model.project_up, model.lm, model.project_down], config.lr)],
@@ -225,8 +223,8 @@ def instruct(config: InstructConfig, data: list[Path], out: Path) -> StageResult
     out = Path(out)
     stage = "instruct" if config.mode == "chat" else "instruct_gen"
     rank, world = _start(stage, config, out)
-    model, tokenizer = _load_init(config.init, stage)
-    _set_input_resolution(model, config.image_size)
+    with engine_mod.PartitionedInit(config.runtime, config.optimizer) as init:
+        model, tokenizer = _load_init(config, stage, init)
     if config.mode == "chat":  # Emu2-Chat reads images at 16x16 = 256 tokens (§2.3.1)
         model.config = dataclasses.replace(model.config, image_tokens_side=config.image_tokens_side,
                                            video_tokens_side=config.video_tokens_side)
@@ -261,17 +259,22 @@ def _embedding_lookup(precomputed: str, model: EmuModel):
 
 def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data: list[Path], out: Path) -> StageResult:
     """The diffusion decoder trained as an autoencoder of visual embeddings (Emu2 §2.2.3): the
-    frozen encoder of `config.encoder` gives the conditions, the frozen VAE the latents."""
+    frozen encoder of `config.encoder` gives the conditions, the frozen VAE the latents, both
+    encoded online or read from `config.precomputed` (emu.train.decoder_step)."""
     from emu.model.decoder import VisualDecoder
+    from emu.precompute.encoder import load_encoder
     from emu.train.decoder_step import DecoderStep
 
     out = Path(out)
     if config.runtime.zero_stage == 3:
         raise ConfigError("decoder.runtime.zero_stage 3 is not supported (the export reads full UNet weights); use 2")
+    if not config.encoder:
+        raise ConfigError("decoder.encoder must name the Emu model whose frozen encoder gives the conditions "
+                          "(stage 1's export: a folder or s3:// URI)")
     rank, world = _start("decoder", config, out)
-    encoder, _ = _load_init(config.encoder, "decoder")
-    _set_input_resolution(encoder, config.image_size)
-    encoder.requires_grad_(False).eval()
+    # The visual encoder (and C-Former) alone, at the stage's input size: the LM, tens of GB for
+    # Emu2, is never loaded. Frozen, eval mode (emu.precompute.encoder).
+    encoder = load_encoder(config.encoder, config.image_size)
     decoder = VisualDecoder.from_pretrained(config.init) if config.init else VisualDecoder.from_config(architecture)
     if decoder.config.visual_dim != encoder.config.visual_dim:
         raise ConfigError(f"the decoder reads {decoder.config.visual_dim}-wide embeddings but the encoder of "
@@ -281,7 +284,17 @@ def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data:
                          f"{decoder.config.image_size} px (visual_decoder.sample_size x VAE factor)")
     engine = engine_mod.Engine(decoder, [{"name": "unet", "lr": config.lr, "params": list(decoder.unet.parameters())}],
                                config.runtime, config.optimizer, lambda s: multiplier(s, config.steps, config.schedule))
-    step_fn = DecoderStep(engine=engine, decoder=decoder, encoder=encoder, config=config, rank=rank, world=world)
+    precomputed = None
+    if config.precomputed:
+        from emu.precompute.store import latent_lookup
+
+        try:  # after the engine: the VAE hash is checked in the dtype it trains in
+            precomputed = latent_lookup(config.precomputed, decoder, encoder=encoder, size=config.output_size)
+        except ConfigError as exc:
+            raise ConfigError(f"decoder.precomputed: {exc}") from None
+        encoder = None  # checked against the store; conditions come from there
+    step_fn = DecoderStep(engine=engine, decoder=decoder, config=config, rank=rank, world=world, encoder=encoder,
+                          precomputed=precomputed)
     summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
                       step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
                       world=world, stage="decoder", peak_flops=peak_flops(config.runtime.peak_tflops)).run()

@@ -116,7 +116,7 @@ class Trainer:
         self.engine.step()
         seconds = time.perf_counter() - began
         samples, tokens, padding, flops = all_reduce_sum(
-            [result.samples, result.tokens, result.padding, result.flops])
+            [result.samples, result.tokens, result.padding, result.flops], device=self.engine.device)
         record: dict[str, Any] = {"step": step + 1, **result.losses, **{f"lr/{k}": v for k, v in lrs.items()},
                                   "grad_norm": self.engine.grad_norm, "samples_per_s": samples / seconds,
                                   "tokens_per_s": tokens / seconds,
@@ -125,6 +125,7 @@ class Trainer:
         if flops and self.peak_flops:
             record["mfu"] = flops / seconds / (self.peak_flops * self.world)
         record["tflops_per_s"] = flops / seconds / 1e12
+        record["step_tflops"] = flops / 1e12  # the model FLOPs of the step, all ranks: MFU's numerator
         if step % self.runtime.log_every == 0 or step + 1 == self.steps:
             metrics.log(record)
         return record
@@ -164,4 +165,4 @@ class Trainer:
 
     def _agree_to_stop(self) -> bool:
         """Every rank stops at the same step if any rank was signalled."""
-        return all_reduce_sum([1.0 if self._stop_requested else 0.0])[0] > 0
+        return all_reduce_sum([1.0 if self._stop_requested else 0.0], device=self.engine.device)[0] > 0
