@@ -79,7 +79,7 @@ def _group(name: str, modules: list, lr: float) -> dict[str, Any]:
 
 def _enable_checkpointing(model: EmuModel, runtime: RuntimeConfig) -> None:
     if runtime.gradient_checkpointing:
-        model.lm.gradient_checkpointing_enable()
+        model.lm.activation_checkpointing_enable()
         model.visual.gradient_checkpointing = True
 
 
