@@ -169,7 +169,8 @@ def precompute(
     """Precompute pooled visual embeddings (and optionally VAE latents) of every image with Ray Data.
 
     Writes OUT/<dataset>/<shard>.safetensors + .index.json per input shard and OUT/precompute.json;
-    training reads them with stage2.precomputed / instruct.precomputed = OUT.
+    training reads them with stage2.precomputed / instruct.precomputed = OUT, and the decoder (with
+    precompute.latents=true) with decoder.precomputed = OUT and decoder.augment=false.
     """
     from emu.config import resolve
     from emu.precompute.config import PrecomputeConfig

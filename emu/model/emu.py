@@ -22,16 +22,16 @@ position t predicts whatever comes at t + 1:
 Token means (not per-sample means) make a packed row of several samples score exactly as the
 samples do apart.
 
-Every forward calls each module exactly once, in the same order, whatever the batch holds: the
-encoder once on all images and frames together (on one blank image when `encode_blank` is set and
-the batch has none), `project_up` once on all visual embeddings, `lm_head` and `project_down` once
-each (on one row when nothing is scored). What a module computes without being needed enters the
-loss with weight 0 (`EmuOutput.anchor`). Data-parallel ranks hold different batches, and ZeRO-3
-gathers a module's parameters at each call while ZeRO-2 reduces gradients bucket by bucket: ranks
-that called different modules, or the same module a different number of times, would stop lining
-up (DESIGN.md multi-rank rules). Which targets count is decided per stage by whoever builds the batch:
-stage 1 supervises text only, stage 2 text and every image, chat the answers only, gen the last
-image only (emu.train builds the masks; this module only applies them).
+Every forward calls each module exactly once, in the same order, whatever the batch holds, and
+every module's output reaches the loss along the same path: the encoder runs once on all images
+and frames together (on one blank image when `encode_blank` is set and the batch has none),
+`project_up` once on all visual embeddings (on the blank's, or on one zero row, when there are
+none: added to the LM input with weight 0), `lm_head` and `project_down` once each (on one row
+with weight 0 when nothing is scored). Data-parallel ranks hold different batches, and ZeRO-3
+gathers a module's parameters at each call, in forward and again in backward, while ZeRO-2
+reduces gradients bucket by bucket as backward produces them: ranks that called different
+modules, or whose backward met them in another order, would stop lining up (DESIGN.md
+multi-rank rules).
 """
 
 from __future__ import annotations
@@ -67,11 +67,8 @@ class EmuOutput:
     loss: torch.Tensor
     text_loss: torch.Tensor
     image_loss: torch.Tensor
-    text_targets: int    # how many text targets were supervised
-    image_targets: int   # how many visual embeddings were regressed
-    #: A zero connected to each module this forward ran without needing it (module docstring):
-    #: `loss` includes it; a trainer weighting the parts itself must add it too.
-    anchor: torch.Tensor | None = None
+    text_targets: int    # how many text targets were supervised (0: text_loss is a zero with a graph)
+    image_targets: int   # how many visual embeddings were regressed (0: likewise)
 
 
 def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
@@ -161,15 +158,11 @@ class EmuModel(nn.Module):
     # ---- sequence embedding ----------------------------------------------------------------
 
     def embed(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              frame_embeds: torch.Tensor | None = None) -> torch.Tensor:
+              frame_embeds: torch.Tensor | None = None, filler: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each `<image>` / `[gIMG]` position replaced, in row-major order,
-        by project_up of the next visual embedding (official emu.py fills them the same way)."""
-        return self._embed(input_ids_BT, image_embeds, frame_embeds)[0]
-
-    def _embed(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None,
-               frame_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`embed`, and the anchor of project_up when no visual embedding needed it: project_up
-        runs exactly once either way, before the LM (module docstring)."""
+        by project_up of the next visual embedding (official emu.py fills them the same way).
+        project_up runs exactly once: without visual embeddings, on `filler` (a blank image's
+        embeddings) or one zero row, added with weight 0 (module docstring)."""
         embeds = self.lm.get_input_embeddings()(input_ids_BT)
         kinds = [(self.token_ids.image, image_embeds), (self.token_ids.frame, frame_embeds)]
         masks, flat = [], []
@@ -183,27 +176,27 @@ class EmuModel(nn.Module):
             if count:
                 masks.append(mask)
                 flat.append(visual.reshape(-1, visual.shape[-1]))
+        dtype = self.project_up.weight.dtype
         if not flat:
-            return embeds, self.project_up(embeds.new_zeros(1, self.config.visual_dim,
-                                                            dtype=self.project_up.weight.dtype)).sum()
-        up = self.project_up(torch.cat(flat).to(self.project_up.weight.dtype)).to(embeds.dtype)
+            if filler is None:
+                filler = embeds.new_zeros(1, self.config.visual_dim, dtype=dtype)
+            up = self.project_up(filler.reshape(-1, filler.shape[-1]).to(dtype))
+            return embeds + up.sum().to(embeds.dtype) * 0.0
+        up = self.project_up(torch.cat(flat).to(dtype)).to(embeds.dtype)
         start = 0
         for mask, visual in zip(masks, flat):
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), up[start:start + visual.shape[0]])
             start += visual.shape[0]
-        return embeds, None
+        return embeds
 
     def hidden_states(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
                       frame_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, filler: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states of the LM body, (B, T, H)."""
-        return self._hidden_states(input_ids_BT, image_embeds, frame_embeds, attention_mask, position_ids)[0]
-
-    def _hidden_states(self, input_ids_BT, image_embeds, frame_embeds, attention_mask, position_ids):
-        embeds, anchor = self._embed(input_ids_BT, image_embeds, frame_embeds)
+        embeds = self.embed(input_ids_BT, image_embeds, frame_embeds, filler)
         out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state, anchor
+        return out.last_hidden_state
 
     # ---- the objective ---------------------------------------------------------------------
 
@@ -222,7 +215,7 @@ class EmuModel(nn.Module):
         are regression targets (default: none are). encode_blank: run the encoder on one blank
         image when no pixels are given (a trainer that encodes online sets it, module docstring).
         """
-        anchors = []
+        filler = None
         pending = [(pixels, side) for pixels, embeds, side in (
             (images, image_embeds, self.config.image_tokens_side), (frames, frame_embeds, self.config.video_tokens_side))
             if embeds is None and pixels is not None]
@@ -234,11 +227,10 @@ class EmuModel(nn.Module):
                 frame_embeds = next(encoded)
         elif encode_blank:
             size = self.visual.config.image_size
-            blank = self.project_up.weight.new_zeros(1, 3, size, size, dtype=next(self.visual.parameters()).dtype)
-            anchors.append(self._encode([(blank, self.config.image_tokens_side)])[0].sum())
-        hidden, up_anchor = self._hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids)
-        if up_anchor is not None:
-            anchors.append(up_anchor)
+            blank = torch.zeros(1, 3, size, size, dtype=next(self.visual.parameters()).dtype,
+                                device=input_ids.device)
+            filler = self._encode([(blank, self.config.image_tokens_side)])[0]
+        hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids, filler)
 
         supervised = text_targets != IGNORE
         n_text = int(supervised.sum())
@@ -267,7 +259,6 @@ class EmuModel(nn.Module):
         else:
             image_loss = self.project_down(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum() * 0.0
             n_image = 0
-        anchor = sum(a.float() for a in anchors) * 0.0 if anchors else text_loss.new_zeros(())
-        loss = text_weight * text_loss + image_weight * image_loss + anchor
+        loss = text_weight * text_loss + image_weight * image_loss
         return EmuOutput(loss=loss, text_loss=text_loss, image_loss=image_loss,
-                         text_targets=n_text, image_targets=n_image, anchor=anchor)
+                         text_targets=n_text, image_targets=n_image)

@@ -161,6 +161,6 @@ def center_crop(data: bytes, size: int):
 
 
 def unit_range(images) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) in [-1, 1], what the VAE encodes (emu.train.decoder_step.to_unit_range)."""
+    """PIL images -> (B, 3, H, W) in [-1, 1], what the VAE encodes (decoder training reads the same)."""
     arrays = np.stack([np.asarray(img, dtype=np.float32) / 127.5 - 1.0 for img in images])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()

@@ -149,7 +149,8 @@ class DecoderStep:
         parts = [[target(s) for s in samples[i:i + micro]] for i in range(0, len(samples), micro)]
         # One collective for the global sample count and every rank's micro-batch count (rank r's
         # count in slot r, zeros elsewhere: the sum lists them all).
-        counts = all_reduce_sum([len(samples)] + [len(parts) if r == self.rank else 0 for r in range(self.world)])
+        counts = all_reduce_sum([len(samples)] + [len(parts) if r == self.rank else 0 for r in range(self.world)],
+                                device=self.device)
         total, rounds = counts[0], int(max(counts[1:]))
         loss_sum = torch.zeros((), device=self.device)
         dropped = torch.zeros((), device=self.device)
@@ -167,6 +168,6 @@ class DecoderStep:
             if weight:
                 loss_sum += out.loss.detach().float() * len(parts[i])
                 dropped += out.dropped_B.sum()
-        loss_total, dropped_total = all_reduce_sum([float(loss_sum), float(dropped)])
+        loss_total, dropped_total = all_reduce_sum([float(loss_sum), float(dropped)], device=self.device)
         return StepResult(losses={"loss": loss_total / total}, samples=len(samples),
                           extra={"condition_dropped": dropped_total})

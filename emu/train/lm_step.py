@@ -100,7 +100,7 @@ class LMStep:
             # modules still ran and must still send (zero) gradients.
             text_scale = self.weights.text * out.text_targets * self.world / n_text if n_text else 0.0
             image_scale = self.weights.image * out.image_targets * self.world / n_image if n_image else 0.0
-            self.engine.backward(out.text_loss * text_scale + out.image_loss * image_scale + out.anchor)
+            self.engine.backward(out.text_loss * text_scale + out.image_loss * image_scale)
             text_sum += float(out.text_loss.detach()) * out.text_targets
             image_sum += float(out.image_loss.detach()) * out.image_targets
         text_total, image_total, all_blanks = all_reduce_sum([text_sum, image_sum, blanks], device=device)
