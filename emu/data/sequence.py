@@ -22,6 +22,13 @@ space. So a word has one token form wherever it stands (first, after an image, a
 and for a byte-level BPE tokenizer the ids equal `tokenizer(decoded_text)` of the whole sequence
 (when no text holds a special-token string): a prompt built as a string at inference matches.
 Texts are otherwise kept verbatim (inner newlines included); blank pieces are left out.
+SentencePiece tokenizers (LLaMA, Llama-2, Mistral; legacy or not) add a "dummy prefix" "▁" to
+every text they encode, so a piece encoded alone would start a new word: ":" after `[USER]`
+would become "▁" ":" and, with the legacy tokenizer.json normaliser, " caption" "▁" "▁caption",
+stray "▁" tokens between text and image spans. For such tokenizers (detected once, by encoding a
+few probes alone and after an anchor) every piece is encoded after a newline anchor whose ids are
+then dropped: the piece's ids are those it has inside a longer text (" caption" -> "▁caption",
+":" -> ":"), the same non-legacy tokenization LLaMA gives a whole prompt.
 
 Formats (`|` separates the parts; T* marks a supervised text target; R marks a regressed image):
 
@@ -290,6 +297,44 @@ def _word(text: str) -> str:
     return " " + text if text else ""
 
 
+#: Put before each text piece for tokenizers that mark the start of every text (module docstring):
+#: a newline is LLaMA's byte token <0x0A>, which no piece of their vocabularies merges with.
+_ANCHOR = "\n"
+_PROBES = ("a", " a", ":", "a.")
+
+
+def _encode_texts(tokenizer, texts: list[str], anchor: list[int] | None) -> list[list[int]]:
+    """Each text's ids as a continuation of text (module docstring, "Text and spacing"): encoded
+    as is, or, with `anchor` (the anchor's ids), after the anchor whose ids are then dropped. A
+    text that merges with the anchor (no vocabulary of the LLaMA family does) is encoded as is."""
+    def encode(batch: list[str]) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    if anchor is None:
+        return encode(texts)
+    n = len(anchor)
+    out = [list(ids[n:]) if list(ids[:n]) == anchor else None for ids in encode([_ANCHOR + t for t in texts])]
+    stray = [i for i, ids in enumerate(out) if ids is None]
+    for i, ids in zip(stray, encode([texts[i] for i in stray]) if stray else []):
+        out[i] = list(ids)
+    return out
+
+
+def _prefix_anchor(tokenizer) -> list[int] | None:
+    """The anchor's ids when the tokenizer encodes a text alone differently from the same text
+    inside a longer one (SentencePiece's dummy prefix), else None (byte-level BPE: Llama-3, Qwen2,
+    GPT-2 and our own tokenizer encode pieces as they are)."""
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    anchor = encode(_ANCHOR)
+    for probe in _PROBES:
+        after = encode(_ANCHOR + probe)
+        if after[:len(anchor)] == anchor and after[len(anchor):] != encode(probe):
+            return anchor
+    return None
+
+
 def _quantise(value: float, key: str) -> int:
     q = math.floor(value * QUANTIZED_SIZE + 0.5)  # round half up
     if not 0 <= q <= QUANTIZED_SIZE:
@@ -318,6 +363,7 @@ class SequenceBuilder:
             raise ConfigError("tokenizer needs BOS and EOS tokens (<s>, </s>) to delimit sequences")
         self._id = ids
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self._anchor = _prefix_anchor(tokenizer)
 
     @staticmethod
     def data_type_of(sample: Sample) -> str:
@@ -664,8 +710,7 @@ class SequenceBuilder:
     def _encode(self, drafts: list[_Draft]) -> list[_Run]:
         """Tokenize every text of the drafts in one tokenizer call, each text on its own."""
         texts = [part[0] for draft in drafts for part in draft.parts if isinstance(part, tuple)]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                       if texts else [])
+        encoded = iter(_encode_texts(self.tokenizer, texts, self._anchor) if texts else [])
         runs = []
         for draft in drafts:
             run = _Run()
