@@ -239,7 +239,7 @@ def test_a_rank_with_fewer_micro_batches_pads_with_zero_weight_passes(world, mon
     config = decoder_config(world, "runtime.micro_batch_size=1")
     others = {"samples": 4, "micro": 4}
 
-    def two_ranks(values):
+    def two_ranks(values, device=None):
         """The sums rank 1 would contribute to: [samples, micro-batches of rank 0, of rank 1], then
         [loss sum, conditions dropped] (rank 1's taken equal to rank 0's)."""
         if len(values) == 3:
