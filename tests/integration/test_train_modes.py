@@ -121,3 +121,31 @@ def test_zero3_load_refuses_a_weights_file_that_does_not_match(init_model, tmp_p
             load_model(broken, load_weights=init.load_weights)
     with pytest.raises(ConfigError, match=r"missing \['visual.cls_token'\].*project_up.weight"):
         load_model(broken)
+
+
+def test_zero3_fresh_build_is_initialised_like_a_plain_one(world):  # noqa: F811
+    """Weights initialised after a module's constructor would hit the empty shard and be lost:
+    a fresh model built partitioned must have the same init distributions as a plain build."""
+    import deepspeed
+
+    from emu.data.shards import iter_samples
+    from emu.data.tokenizer import train_tokenizer
+    from emu.model.config import EmuConfig
+    from emu.model.emu import EmuModel
+
+    init_distributed()
+    tokenizer = train_tokenizer((t for s in iter_samples(world / "img2dataset") for t in s.texts()), vocab_size=400)
+    config = resolve(EmuConfig, "model", "tiny")
+    plain = EmuModel.build(config, tokenizer)
+    with PartitionedInit(RuntimeConfig(zero_stage=3, zero3_persistence_threshold=0), OptimizerConfig()):
+        model = EmuModel.build(config, tokenizer)
+    params = dict(model.named_parameters())
+    assert all(p.numel() == 0 for p in params.values())
+    reference = dict(plain.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name in ("project_up.weight", "project_down.weight", "lm.model.layers.0.mlp.up_proj.weight",
+                     "lm.model.embed_tokens.weight", "visual.pos_embed", "visual.blocks.0.attn.qkv.weight"):
+            built, expected = params[name].data, reference[name].data
+            assert built.shape == expected.shape, name
+            assert float(built.std()) == pytest.approx(float(expected.std()), rel=0.15), name
+        assert float(params["project_up.weight"].data.std()) == pytest.approx(0.02, rel=0.1)
