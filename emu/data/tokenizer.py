@@ -65,6 +65,12 @@ def add_special_tokens(tokenizer) -> None:
     tokenizer.pad_token = PAD
 
 
+def base_vocab_size(tokenizer) -> int:
+    """How many ids the tokenizer has besides the Emu2 special tokens (they come after it)."""
+    special = set(SPECIAL_TOKENS)
+    return 1 + max(i for token, i in tokenizer.get_vocab().items() if token not in special)
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A small byte-level BPE tokenizer trained offline on `texts` (tests and the tiny preset), with
     LLaMA's first ids (`<unk>`=0, `<s>`=1, `</s>`=2) and the Emu2 special tokens after its vocab."""
@@ -85,16 +91,61 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     return tokenizer
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer saved with `save_pretrained` (ours, or a LLaMA one), with the special tokens."""
-    from transformers import AutoTokenizer
+def prepare_tokenizer(tokenizer, source: str) -> None:
+    """Make a pretrained LM's own tokenizer ready for Emu (emu.model.pretrained): the Emu2 special
+    tokens added after its vocabulary (add_special_tokens; `[PAD]` pads, as in Emu2), and a BOS
+    for tokenizers that have none (Qwen2): its EOS, which such models already use to separate
+    documents. A tokenizer without EOS is refused: every Emu sequence ends with it. `source`
+    names the file or setting in the error."""
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"{source}: the tokenizer has no EOS token (eos_token in tokenizer_config.json); Emu "
+                          "ends every sequence with it")
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    add_special_tokens(tokenizer)
 
+
+def load_tokenizer(path: str | Path, setting: str = "tokenizer"):
+    """A tokenizer folder (ours, or a pretrained LM's: LLaMA SentencePiece, Llama-3 / Qwen2
+    byte-level BPE) made ready for Emu by `prepare_tokenizer`. Errors name `setting` and the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{setting}: tokenizer folder {path} does not exist")
+    tokenizer = _read_tokenizer(path, setting)
+    prepare_tokenizer(tokenizer, f"{setting} ({path})")
+    return tokenizer
+
+
+def load_model_tokenizer(path: str | Path):
+    """The tokenizer of an Emu model folder (emu.model.io), as `save_model` wrote it: it must
+    already hold the Emu2 special tokens and a pad token, since the LM's embedding rows were made
+    for exactly that vocabulary (adding tokens here would silently shift it)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"tokenizer folder {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    add_special_tokens(tokenizer)
+    tokenizer = _read_tokenizer(path, "the model's tokenizer")
+    config = path / "tokenizer_config.json"
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"{config}: the tokenizer has no pad token; an Emu model's tokenizer pads with {PAD} "
+                          "(emu.data.tokenizer.add_special_tokens, which save_model's tokenizers went through)")
+    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ConfigError(f"{config}: the tokenizer lacks {len(missing)} Emu2 special tokens ({', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}); it does not belong to an Emu model")
+    if tokenizer.bos_token is None or tokenizer.eos_token is None:
+        raise ConfigError(f"{config}: the tokenizer has no {'BOS' if tokenizer.bos_token is None else 'EOS'} token")
     return tokenizer
+
+
+def _read_tokenizer(path: Path, setting: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{setting}: {path} holds no tokenizer transformers can load (tokenizer.json, "
+                          f"tokenizer.model or vocab files with tokenizer_config.json): {first}") from None
 
 
 def special_ids(tokenizer) -> dict[str, int]:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from emu.errors import ConfigError
 from emu.model.cformer import CausalFormer
 from emu.model.config import EmuConfig, LMConfig
 from emu.model.vision import EvaVisionTransformer, pool_patches
@@ -71,15 +72,35 @@ class EmuOutput:
     image_targets: int   # how many visual embeddings were regressed (0: likewise)
 
 
-def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
+def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None) -> PreTrainedModel:
     """A LLaMA from the size settings, or any Hugging Face causal LM from `config.pretrained`
-    (a local folder; s3:// URIs are fetched by emu.model.io first). Embeddings are resized to
-    `vocab_size` (the tokenizer with the Emu2 special tokens)."""
-    if config.pretrained:
-        from emu.model.io import local_folder
+    (a folder or s3:// URI; emu.model.pretrained.load_pretrained_lm). Its embeddings then get one
+    row per token of the tokenizer (`vocab_size`, Emu2 special tokens included):
 
-        lm = AutoModelForCausalLM.from_pretrained(str(local_folder(config.pretrained)), local_files_only=True,
-                                                  attn_implementation=config.attn_implementation)
+      * rows the tokenizer does not have (an LM whose embeddings were padded past its vocabulary,
+        as Qwen2's 151,936 rows for ~151.6k tokens) are dropped first, but only when the
+        tokenizer is the LM's own, whose base vocabulary (`base_vocab`, before the Emu2 tokens)
+        is then known; any other tokenizer with fewer tokens than the LM has rows is an error (an
+        LM loaded with another tokenizer would be cut down to it and read wrong ids);
+      * new rows, input and output embeddings both, start at the mean of the existing ones
+        (transformers' `mean_resizing`: the mean, plus noise of 1e-9 times their covariance),
+        so the special tokens do not change what the LM predicts for text. Under ZeRO-3
+        transformers resizes the partitioned embeddings itself."""
+    if config.pretrained:
+        from emu.model.pretrained import load_pretrained_lm
+
+        lm = load_pretrained_lm(config.pretrained, config.attn_implementation)
+        rows = lm.get_input_embeddings().num_embeddings
+        if base_vocab is not None and base_vocab > rows:
+            raise ConfigError(f"model.lm.pretrained {config.pretrained}: its tokenizer has {base_vocab} tokens but "
+                              f"the LM only {rows} token embeddings; the tokenizer does not belong to this LM")
+        if base_vocab is not None and base_vocab < rows:
+            lm.resize_token_embeddings(base_vocab, mean_resizing=False)  # padding rows no token uses
+        elif vocab_size < rows:
+            raise ConfigError(f"model.lm.pretrained {config.pretrained}: the LM has {rows} token embeddings but the "
+                              f"tokenizer {vocab_size} tokens (Emu2 special tokens included): building it would "
+                              "shrink the LM's vocabulary and scramble its token ids; use the LM's own tokenizer "
+                              "(leave stage1.tokenizer empty)")
     else:
         # from_config, not the class itself: under ZeRO-3 transformers then builds it partitioned
         # and initialises it gathered (emu.train.engine.PartitionedInit).
@@ -89,8 +110,20 @@ def build_lm(config: LMConfig, vocab_size: int) -> PreTrainedModel:
             max_position_embeddings=config.max_positions, rms_norm_eps=config.rms_norm_eps,
             rope_theta=config.rope_theta, tie_word_embeddings=False), attn_implementation=config.attn_implementation)
     if lm.get_input_embeddings().num_embeddings != vocab_size:
-        lm.resize_token_embeddings(vocab_size)
+        lm.resize_token_embeddings(vocab_size, mean_resizing=True)
     return lm
+
+
+def _is_own_tokenizer(tokenizer, pretrained: str) -> bool:
+    """Whether the tokenizer was loaded from the LM's folder (transformers records where)."""
+    from pathlib import Path
+
+    from emu.model.io import local_folder
+
+    try:
+        return Path(tokenizer.name_or_path).resolve() == local_folder(pretrained).resolve()
+    except (ConfigError, OSError, TypeError):
+        return False
 
 
 class Projection(nn.Linear):
@@ -126,11 +159,14 @@ class EmuModel(nn.Module):
 
     @classmethod
     def build(cls, config: EmuConfig, tokenizer) -> EmuModel:
-        """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included)."""
-        from emu.data.tokenizer import GIMG, IMAGE
+        """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included; build_lm).
+        The encoder is freshly initialised: `model.vision.pretrained` weights are loaded into it
+        by emu.model.pretrained.load_vision_weights (the stage does, partition-aware)."""
+        from emu.data.tokenizer import GIMG, IMAGE, base_vocab_size
 
         ids = VisualTokenIds(image=tokenizer.convert_tokens_to_ids(IMAGE), frame=tokenizer.convert_tokens_to_ids(GIMG))
-        return cls(config, ids, build_lm(config.lm, len(tokenizer)))
+        own = bool(config.lm.pretrained) and _is_own_tokenizer(tokenizer, config.lm.pretrained)
+        return cls(config, ids, build_lm(config.lm, len(tokenizer), base_vocab_size(tokenizer) if own else None))
 
     # ---- images to visual embeddings -------------------------------------------------------
 

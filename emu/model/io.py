@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from emu.config import from_dict, to_dict
 from emu.errors import ConfigError
@@ -61,12 +62,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, image_size: i
     """
     from transformers import AutoModelForCausalLM
 
-    from emu.data.tokenizer import load_tokenizer
+    from emu.data.tokenizer import load_model_tokenizer
 
     folder = local_folder(path)
     meta = _read_meta(folder)
     config = from_dict(EmuConfig, meta["config"], where="model", origin=str(folder / CONFIG_FILE))
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    tokenizer = load_model_tokenizer(folder / "tokenizer")
     lm = AutoModelForCausalLM.from_pretrained(str(folder / "lm"), local_files_only=True, dtype=dtype,
                                               attn_implementation=config.lm.attn_implementation)
     if lm.get_input_embeddings().num_embeddings != len(tokenizer):
@@ -88,10 +89,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, image_size: i
 WeightLoader = Callable[..., None]
 
 
-def load_weights_whole(model: EmuModel, file: Path, resize: dict[str, Callable] | None = None) -> None:
-    """The non-LM weights of `file` into `model`, all at once (one process, or ZeRO 0-2)."""
+def load_weights_whole(model: nn.Module, file, resize: dict[str, Callable] | None = None) -> None:
+    """The non-LM weights of `file` (a safetensors file, or an emu.model.pretrained.TensorSource)
+    into `model`, all at once (one process, or ZeRO 0-2)."""
     resize = resize or {}
-    stored = load_file(str(file))
+    stored = ({k: file.get_tensor(k) for k in file.keys()} if hasattr(file, "get_tensor")
+              else load_file(str(file)))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("lm.")}
     check_state_keys(file, expected, {k: tuple(v.shape) for k, v in stored.items()}, set(resize))
     model.load_state_dict({k: resize[k](v) if k in resize else v for k, v in stored.items()}, strict=False)

@@ -245,7 +245,8 @@ class PartitionedInit:
         from safetensors import safe_open
 
         rank = dist.get_rank()
-        handle = safe_open(str(file), framework="pt") if rank == 0 else None
+        # a safetensors file, or already a source with the same interface (emu.model.pretrained.TensorSource)
+        handle = (file if hasattr(file, "get_tensor") else safe_open(str(file), framework="pt")) if rank == 0 else None
         problem: list[str | None] = [None]
         if rank == 0:
             try:
