@@ -87,22 +87,32 @@ def data_synth(
 
 @data_app.command("import")
 def data_import(
-    format: Annotated[str, typer.Option("--format", help="Source format: img2dataset, mmc4, webvid, ytsb, grit, llava, text, vqav2, coco.")],
-    src: Annotated[Path, typer.Option(help="Source file or folder in that format.")],
+    format: Annotated[str, typer.Option("--format", help="Source format: img2dataset, webdataset, mmc4, webvid, "
+                                                         "ytsb, grit, llava, text, vqav2, coco.")],
+    src: Annotated[Path, typer.Option(help="Source file or folder in that format (for vqav2, coco and llava "
+                                           "also the questions, captions or records JSON file itself).")],
     out: Annotated[Path, typer.Option(help="Empty folder for the shard dataset.")],
+    questions: Annotated[Optional[Path], typer.Option(help="vqav2: the questions file (sets vqav2.questions).")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="vqav2: the annotations file; coco: the captions file (sets vqav2/coco.annotations).")] = None,
+    images: Annotated[Optional[Path], typer.Option(
+        help="vqav2, coco, llava, mmc4: the image folder (sets vqav2/coco.images_dir, llava.image_folder, "
+             "mmc4.images_dir).")] = None,
     preset: PresetOption = None,
     overrides: OverridesArgument = None,
 ) -> None:
     """Import a public-format source into webdataset shards with manifests.
 
     Samples that cannot be used are skipped and listed in OUT/rejects.jsonl (source, key, rule,
-    message); a source that cannot be read at all exits 2 with a one-line reason.
+    message); a source that cannot be read at all, or an import that keeps nothing (or less than
+    import.min_kept_fraction), exits 2 with a one-line reason.
     """
     from emu.config import resolve
-    from emu.data.formats import ImportConfig
+    from emu.data.formats import ImportConfig, path_overrides
     from emu.data.importing import run_import
 
-    config = resolve(ImportConfig, "import", preset, list(overrides or []))
+    paths = path_overrides(format, {"questions": questions, "annotations": annotations, "images": images})
+    config = resolve(ImportConfig, "import", preset, paths + list(overrides or []))
     typer.echo(_describe_import(run_import(format, src, out, config)))
 
 

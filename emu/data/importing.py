@@ -22,7 +22,7 @@ from emu.data.images import ImageProblem, inspect_image
 from emu.data.reject import Reject
 from emu.data.schema import KINDS_NEEDING_IMAGES, Sample
 from emu.data.shards import REJECTS_FILE, SampleProblem, ShardWriter
-from emu.errors import SourceError
+from emu.errors import DatasetError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,27 @@ class ImportSummary:
     rejected: int
     shards: int
     rejects_by_rule: dict[str, int]
+
+
+class TooFewKept(DatasetError):
+    """The import kept nothing, or less than import.min_kept_fraction of the source's records."""
+
+
+#: Rejects that are the source's own record of a failed download (img2dataset's parquet rows),
+#: not records this import could have kept: the kept fraction leaves them out.
+SOURCE_LOSSES = frozenset({"source_failed"})
+
+
+def _check_kept(fmt: str, src: Path, out_dir: Path, kept: int, rejects: Counter[str], min_fraction: float) -> None:
+    """Raise TooFewKept when the import kept nothing or too small a fraction (ImportConfig)."""
+    considered = kept + sum(n for rule, n in rejects.items() if rule not in SOURCE_LOSSES)
+    if kept and kept >= min_fraction * considered:
+        return
+    below = f" ({kept / considered:.1%}, below import.min_kept_fraction={min_fraction:g})" if kept else ""
+    why = (f"rejected: {', '.join(f'{rule}: {n}' for rule, n in rejects.most_common(5))}; every reject is in "
+           f"{out_dir / REJECTS_FILE} (source, key, rule, message)" if rejects else "the source holds no records")
+    raise TooFewKept(f"{fmt} import of {src} kept {kept} of {considered} records{below}; {why}. "
+                     f"No dataset was written")
 
 
 def check_usable(sample: Sample, max_pixels: int) -> None:
@@ -58,7 +79,8 @@ def run_import(fmt: str, src: Path, out_dir: Path, config: ImportConfig) -> Impo
     """Import `src` (in public format `fmt`) into a shard dataset at `out_dir`.
 
     Raises SourceError when the source cannot be read at all. Otherwise every record ends up
-    either in a shard or in rejects.jsonl, and dataset.json is written last.
+    either in a shard or in rejects.jsonl, and dataset.json is written last; TooFewKept (no
+    dataset.json, no shards, rejects.jsonl kept) when too few records were usable.
     """
     if fmt not in IMPORTERS:
         raise SourceError(f"unknown format {fmt!r}; known formats: {', '.join(IMPORTERS)}")
@@ -93,12 +115,15 @@ def run_import(fmt: str, src: Path, out_dir: Path, config: ImportConfig) -> Impo
                     except SampleProblem as exc:
                         reject(Reject(item.source, item.key, exc.problem.rule, exc.problem.message))
             os.replace(rejects_tmp, out_dir / REJECTS_FILE)
+            _check_kept(fmt, src, out_dir, written, rule_counts, config.min_kept_fraction)
             save_resolved(config, "import", config_file)
             # dataset.json last: it is the commit point, so a crash before it never leaves a
             # dataset that looks finished but lacks its rejects or its config.
             # The source path stays out of dataset.json: the same data imported from another path
             # must give the same bytes (DVC and KFP caches key on content).
             index = writer.close(extra={"rejected": sum(rule_counts.values())})
+        except TooFewKept:
+            raise  # the writer removes its shards; rejects.jsonl stays: it is the reason
         except BaseException:
             for path in (rejects_tmp, out_dir / REJECTS_FILE, config_file):  # the writer removes its own
                 path.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig, llava, mmc4, text
+from emu.data.formats import ImportConfig, coco, llava, mmc4, text, vqav2
 from emu.data.importing import ImportSummary, run_import
 from emu.data.schema import VQA, Captions, Chat, Gen, Interleaved, Sample, Segment, TextOnly
 from emu.data.shards import iter_samples
@@ -319,6 +319,25 @@ def test_llava_bad_records(tmp_path):
     assert {r["key"]: r["source"] for r in result.rejects}["missing"] == "data.json:1"
 
 
+def test_llava_images_beside_the_json(tmp_path):
+    """LLaVA-Pretrain's layout: blip_laion_cc_sbu_558k.json beside images/, record paths relative
+    to images/. Found without a setting; a missing image's reject says where it was looked for."""
+    src = tmp_path / "LLaVA-Pretrain"
+    (src / "images" / "00453").mkdir(parents=True)
+    (src / "images" / "00453" / "004539375.jpg").write_bytes(jpeg())
+    chat = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "Shapes."}]
+    records = [{"id": "004539375", "image": "00453/004539375.jpg", "conversations": chat},
+               {"id": "gone", "image": "00453/missing.jpg", "conversations": chat}]
+    (src / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
+
+    result = import_source("llava", src / "blip_laion_cc_sbu_558k.json", tmp_path / "out")
+
+    assert list(result.samples) == ["004539375"] and result.rules() == {"gone": "image_file_missing"}
+    assert result.rejects[0]["message"] == (
+        f"image file 00453/missing.jpg not found: looked for any of {src}/00453/missing.jpg, "
+        f"{src}/images/00453/missing.jpg (set import.llava.image_folder or --images)")
+
+
 # --- text -----------------------------------------------------------------------------------------
 
 def test_text_round_trip(tmp_path):
@@ -411,6 +430,79 @@ def test_vqav2_question_without_annotation_or_image(tmp_path):
     assert len(result.samples) == written - 1 - len(lost)
 
 
+def test_vqav2_explicit_files_anywhere(tmp_path):
+    """The three parts under names and folders of the user's choosing: SRC is the questions file,
+    the annotations file and image folder are settings; images named as COCO 2017 names them."""
+    src, written = write(doc_writers.write_vqav2, tmp_path, "vqav2")
+    split = doc_writers.EVAL_SPLIT
+    (tmp_path / "mine").mkdir()
+    questions = (src / f"v2_OpenEnded_mscoco_{split}_questions.json").rename(tmp_path / "mine" / "questions.json")
+    annotations = (src / f"v2_mscoco_{split}_annotations.json").rename(tmp_path / "answers.json")
+    pictures = tmp_path / "coco2017"
+    pictures.mkdir()
+    for image in (src / split).iterdir():
+        image.rename(pictures / image.name.removeprefix(f"COCO_{split}_"))
+
+    result = import_source("vqav2", questions, tmp_path / "out", vqav2=vqav2.Options(
+        annotations=str(annotations), images_dir=str(pictures)))
+
+    assert result.rejects == [] and len(result.samples) == written
+    sample = next(iter(result.samples.values()))
+    assert sample.source.startswith("questions.json:") and sample.meta["data_subtype"] == split
+    assert sample.images == [(pictures / f"{sample.image_id:012d}.jpg").read_bytes()]
+
+
+def test_vqav2_vqa_api_layout(tmp_path):
+    """The VQA API repository's layout: Questions/, Annotations/, Images/mscoco/{subtype}/."""
+    src, written = write(doc_writers.write_vqav2, tmp_path, "vqav2")
+    split = doc_writers.EVAL_SPLIT
+    for folder, name in (("Questions", f"v2_OpenEnded_mscoco_{split}_questions.json"),
+                         ("Annotations", f"v2_mscoco_{split}_annotations.json")):
+        (src / folder).mkdir()
+        (src / name).rename(src / folder / name)
+    (src / "Images" / "mscoco").mkdir(parents=True)
+    (src / split).rename(src / "Images" / "mscoco" / split)
+
+    result = import_source("vqav2", src, tmp_path / "out")
+
+    assert result.rejects == [] and len(result.samples) == written
+    assert next(iter(result.samples.values())).source.startswith(f"Questions/v2_OpenEnded_mscoco_{split}_questions")
+
+
+def test_vqav2_missing_image_says_where_it_looked(tmp_path):
+    src, _ = write(doc_writers.write_vqav2, tmp_path, "vqav2")
+    split = doc_writers.EVAL_SPLIT
+    image_id = json.loads((src / f"v2_OpenEnded_mscoco_{split}_questions.json").read_text())["questions"][0]["image_id"]
+    (src / split / f"COCO_{split}_{image_id:012d}.jpg").unlink()
+
+    result = import_source("vqav2", src, tmp_path / "out")
+
+    message = next(r["message"] for r in result.rejects if r["rule"] == "image_file_missing")
+    name = f"COCO_{split}_{image_id:012d}.jpg"
+    assert message.startswith(f"image file {name} not found: looked for any of {src}/{split}/{name}, "
+                              f"{src}/{split}/{image_id:012d}.jpg, {src}/Images/mscoco/{split}/{name}")
+    assert message.endswith("(set import.vqav2.images_dir or --images)")
+
+
+def test_cli_import_flags_name_explicit_files(tmp_path):
+    """`emu data import --questions --annotations --images`, relative to where the command runs."""
+    src, written = write(doc_writers.write_vqav2, tmp_path, "vqav2")
+    split = doc_writers.EVAL_SPLIT
+    (src / f"v2_mscoco_{split}_annotations.json").rename(tmp_path / "a.json")
+    (src / split).rename(tmp_path / "pics")
+    emu = Path(sys.executable).with_name("emu")
+    done = subprocess.run([str(emu), "data", "import", "--format", "vqav2", "--src", "vqav2",
+                           "--questions", f"vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
+                           "--annotations", "a.json", "--images", "pics", "--out", "out"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"imported {written} samples into 1 shards") and "rejected 0" in done.stdout
+    wrong = subprocess.run([str(emu), "data", "import", "--format", "text", "--src", "vqav2", "--questions", "q.json",
+                            "--out", "out2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "error: --questions is for --format vqav2, not text"
+
+
 # --- COCO -----------------------------------------------------------------------------------------
 
 def test_coco_round_trip(tmp_path):
@@ -447,6 +539,34 @@ def test_coco_image_without_captions_and_captions_without_image(tmp_path):
     assert result.rules() == {"coco999": "captions_missing", f"coco{gone['id']}": "image_file_missing",
                               "coco12345": "image_missing"}
     assert len(result.samples) == written - 1
+
+
+def test_coco_explicit_captions_file(tmp_path):
+    """SRC is a captions file of any name, the images folder a setting."""
+    src, written = write(doc_writers.write_coco, tmp_path, "coco")
+    split = doc_writers.EVAL_SPLIT
+    captions = (src / "annotations" / f"captions_{split}.json").rename(tmp_path / "my_captions.json")
+    (src / split).rename(tmp_path / "photos")
+
+    result = import_source("coco", captions, tmp_path / "out", coco=coco.Options(images_dir="photos"))
+
+    assert result.rejects == [] and len(result.samples) == written
+    sample = next(iter(result.samples.values()))
+    assert sample.source.startswith("my_captions.json:") and sample.meta["split"] == "my_captions"
+
+
+def test_coco_official_captions_file_finds_its_images(tmp_path):
+    """SRC = annotations/captions_val2014.json of the official layout: the images are found in
+    val2014/ beside annotations/, and also in images/val2014/."""
+    src, written = write(doc_writers.write_coco, tmp_path, "coco")
+    split = doc_writers.EVAL_SPLIT
+    result = import_source("coco", src / "annotations" / f"captions_{split}.json", tmp_path / "out")
+    assert result.rejects == [] and len(result.samples) == written
+
+    (src / "images").mkdir()
+    (src / split).rename(src / "images" / split)
+    moved = import_source("coco", src, tmp_path / "out2")
+    assert moved.rejects == [] and len(moved.samples) == written
 
 
 # --- unreadable sources, settings, determinism ----------------------------------------------------
@@ -501,6 +621,8 @@ def test_cli_exits_non_zero_with_one_line_reason(tmp_path):
     ("text.field=", "import.text.field"),
     ("llava.category=", "import.llava.category"),
     ("vqav2.images_dir=", "import.vqav2.images_dir"),
+    ("vqav2.annotations=", "import.vqav2.annotations"),
+    ("coco.annotations=", "import.coco.annotations"),
 ])
 def test_bad_settings_name_the_setting(override, setting):
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):

@@ -8,6 +8,7 @@ its rule and key while the rest of the source is still imported.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ from PIL import Image
 from emu.config import resolve
 from emu.data.formats import ImportConfig
 from emu.data.formats.webvid import sample_indices
-from emu.data.importing import run_import
+from emu.data.importing import TooFewKept, run_import
 from emu.data.schema import Box, Grounded, Pair, Phrase, VideoText
 from emu.data.synth import web_writers, world
 from emu.data.synth.config import SynthConfig
@@ -132,8 +133,8 @@ def test_img2dataset_failed_parquet_rows_are_rejected(source, tmp_path):
     (lambda r: r.update(width=0), "size_invalid"),
     (lambda r: r.pop("height"), "size_invalid"),
     (lambda r: r.update(width=65), "size_mismatch"),
-    (lambda r: r.update(sha256="0" * 64), "image_hash_mismatch"),
-], ids=["width_nan", "height_negative", "width_zero", "height_missing", "width_differs", "sha256_differs"])
+    (lambda r: r.update(key="000003"), "key_mismatch"),
+], ids=["width_nan", "height_negative", "width_zero", "height_missing", "width_differs", "key_differs"])
 def test_img2dataset_json_checks(source, tmp_path, change, rule):
     src = source("img2dataset")
     rewrite_tar(src / "00000.tar", edit_json("000002.json", change))
@@ -143,6 +144,87 @@ def test_img2dataset_json_checks(source, tmp_path, change, rule):
     reject = reject_of(rejects, "000002")
     assert (reject["rule"], reject["source"]) == (rule, "00000.tar:000002")
     assert len(rejects) == 1 and summary.samples == 11 and "000002" not in {s.key for s in samples}
+
+
+def test_img2dataset_resized_images_keep_the_download_hash(written, tmp_path):
+    """As img2dataset writes with its defaults: the stored image is the download resized (and
+    re-encoded), the json's sha256 is the download's. That hash cannot match and is no reject."""
+    src, count = written["img2dataset"]
+    summary, samples, rejects = import_source("img2dataset", src, tmp_path / "out")
+
+    assert rejects == [] and summary.samples == count
+    records = {key: json.loads(m["json"]) for tar in sorted(src.glob("*.tar"))
+               for key, m in samples_by_key(tar_members(tar)).items()}
+    for sample in samples:
+        record = records[sample.key]
+        assert Image.open(io.BytesIO(sample.images[0])).size == (record["width"], record["height"]) == (64, 64)
+        assert record["original_width"] == record["original_height"] in (128, 192, 256)
+        assert hashlib.sha256(sample.images[0]).hexdigest() != record["sha256"] == sample.meta["sha256"]
+
+
+def test_img2dataset_verify_hash_checks_output_stored_as_downloaded(source, tmp_path):
+    """`--resize_mode no --skip_reencode True` stores the download's bytes: there the hash must
+    match (img2dataset.verify_hash), and a differing one is rejected by key."""
+    src = source("img2dataset")
+    for tar in sorted(src.glob("*.tar")):
+        members = tar_members(tar)
+        write_tar(tar, [(name, json.dumps({**json.loads(data), "sha256": hashlib.sha256(
+            members[name.replace(".json", ".jpg")]).hexdigest()}).encode() if name.endswith(".json") else data)
+            for name, data in members.items()])
+    rewrite_tar(src / "00000.tar", edit_json("000002.json", lambda r: r.update(sha256="0" * 64)))
+
+    assert import_source("img2dataset", src, tmp_path / "default")[2] == []
+    summary, _, rejects = import_source("img2dataset", src, tmp_path / "verified", "img2dataset.verify_hash=true")
+
+    assert [(r["key"], r["rule"], r["source"]) for r in rejects] == [
+        ("000002", "image_hash_mismatch", "00000.tar:000002")]
+    assert summary.samples == 11
+
+
+def test_an_import_that_keeps_nothing_fails_with_its_reason(source, tmp_path):
+    """Every sample rejected: no dataset (nothing for a pipeline to train on), rejects.jsonl kept,
+    and the error names the rules."""
+    src = source("img2dataset")
+    for tar in sorted(src.glob("*.tar")):
+        rewrite_tar(tar, lambda name, data: data.replace(b'"key": "0', b'"key": "x') if name.endswith(".json") else data)
+
+    with pytest.raises(TooFewKept, match=r"img2dataset import of .* kept 0 of 12 records; rejected: "
+                                         r"key_mismatch: 12; every reject is in .*rejects.jsonl"):
+        run_import("img2dataset", src, tmp_path / "out", ImportConfig())
+
+    assert not (tmp_path / "out" / "dataset.json").exists() and not list((tmp_path / "out").glob("*.tar"))
+    rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 12 and all(json.loads(r)["rule"] == "key_mismatch" for r in rejects)
+
+
+def test_min_kept_fraction(source, tmp_path):
+    """Five of twelve samples broken: 58% kept. Download failures listed by the parquet do not
+    count against the fraction (a crawl's loss, not the import's)."""
+    src = source("img2dataset")
+    rewrite_tar(src / "00000.tar", lambda name, data: data.replace(b'"key": "0', b'"key": "x')
+                if name.endswith(".json") else data)
+    table = pq.read_table(src / "00001.parquet")
+    failed = [{**table.slice(0, 1).to_pylist()[0], "key": f"00001{9 - i}", "status": "failed_to_download"}
+              for i in range(4)]
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist(failed, schema=table.schema)]),
+                   src / "00001.parquet")
+
+    summary, _, _ = import_source("img2dataset", src, tmp_path / "half", "min_kept_fraction=0.5")
+    assert summary.samples == 7 and summary.rejects_by_rule == {"key_mismatch": 5, "source_failed": 4}
+    with pytest.raises(TooFewKept, match=r"kept 7 of 12 records \(58.3%, below import.min_kept_fraction=0.75\)"):
+        import_source("img2dataset", src, tmp_path / "most", "min_kept_fraction=0.75")
+
+
+def test_cli_import_that_keeps_nothing_exits_non_zero(source, tmp_path):
+    src = source("img2dataset")
+    for tar in sorted(src.glob("*.tar")):
+        rewrite_tar(tar, lambda name, data: b"" if name.endswith(".jpg") else data)
+    emu = Path(sys.executable).with_name("emu")
+    result = subprocess.run([str(emu), "data", "import", "--format", "img2dataset", "--src", str(src),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout
+    assert "kept 0 of 12 records; rejected: image_empty: 12" in result.stderr
+    assert "imported" not in result.stdout
 
 
 @pytest.mark.parametrize("image, rule", [(b"", "image_empty"), (b"<!DOCTYPE html><html>", "image_not_image")])
@@ -173,7 +255,8 @@ def test_img2dataset_unsafe_members_are_rejected_per_sample(source, tmp_path):
         symlink("000020.jpg", "/etc/passwd"), ("000020.json", members["000020.json"]),
         ("000020.txt", members["000020.txt"]),
         ("../000021.jpg", members["000020.jpg"]), ("000021.json", members["000020.json"]),
-        ("000022.jpg", members["000020.jpg"]), ("000022.json", members["000020.json"]),
+        ("000022.jpg", members["000020.jpg"]),
+        ("000022.json", members["000020.json"].replace(b'"key": "000020"', b'"key": "000022"')),
         ("000022.txt", members["000020.txt"]),
     ])
 
@@ -265,7 +348,8 @@ def test_grit_round_trip(written, tmp_path):
         assert sample.referring_expressions == [_phrase(e) for e in record["ref_exps"]]
         assert sample.meta == {"id": record["id"], "clip_similarity_vitb32": record["clip_similarity_vitb32"],
                                "clip_similarity_vitl14": record["clip_similarity_vitl14"], "url": record["url"],
-                               "original_width": 64, "original_height": 64, "sha256": record["sha256"],
+                               "original_width": record["original_width"],
+                               "original_height": record["original_height"], "sha256": record["sha256"],
                                "dropped_boxes": 0}
         for chunk, expression in zip(sample.phrases, sample.referring_expressions, strict=True):
             phrase = sample.text[chunk.start:chunk.end]
@@ -375,8 +459,9 @@ def test_webvid_frame_options(written, tmp_path):
 def test_webvid_frames_above_the_pixel_limit_are_refused_before_decoding(written, tmp_path):
     """A video's declared frame size is checked like an image's: a video decompression bomb."""
     src, _ = written["webvid"]
-    out, samples, rejects = import_source("webvid", src, tmp_path / "out", "max_image_pixels=1000")
-    assert samples == [] and rejects
+    with pytest.raises(TooFewKept, match="kept 0 of 3 records; rejected: image_decompression_bomb: 3"):
+        import_source("webvid", src, tmp_path / "out", "max_image_pixels=1000")
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert {r["rule"] for r in rejects} == {"image_decompression_bomb"}
     assert "declares 64x64 frames" in rejects[0]["message"]
 
@@ -402,12 +487,34 @@ def test_webvid_bad_rows(source, tmp_path):
         ("1000003", "duration_invalid", "results_synth.csv:5")]
 
 
+def test_webvid_duration_must_agree_with_the_video(source, tmp_path):
+    """The CSV's whole seconds may be rounded (within webvid.duration_tolerance_s of the 3 s
+    videos); a duration that disagrees more is rejected by key, its neighbours imported."""
+    src = source("webvid")
+    csv_path = src / "results_synth.csv"
+    header, first, second, third = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([header, first.replace("PT00H00M03S", "PT00H00M04S"),
+                                   second.replace("PT00H00M03S", "PT00H01M00S"), third]) + "\n")
+
+    summary, samples, rejects = import_source("webvid", src, tmp_path / "out")
+
+    assert [s.key for s in samples] == ["1000000", "1000002"] and summary.samples == 2
+    assert [(r["key"], r["rule"], r["source"]) for r in rejects] == [
+        ("1000001", "duration_mismatch", "results_synth.csv:3")]
+    assert rejects[0]["message"] == ("the CSV says PT00H01M00S (60 s) but 1000001.mp4 lasts 3.00 s "
+                                     "(more than import.webvid.duration_tolerance_s=1 apart)")
+    strict = import_source("webvid", src, tmp_path / "strict", "webvid.duration_tolerance_s=0.5")[2]
+    assert [(r["key"], r["rule"]) for r in strict] == [("1000000", "duration_mismatch"),
+                                                       ("1000001", "duration_mismatch")]
+
+
 def test_webvid_csv_values_cannot_reach_outside_the_videos_folder(source, tmp_path):
     src = source("webvid")
     (src / "1000009.mp4").write_bytes(b"")  # would be found via page_dir ".."
     csv_path = src / "results_synth.csv"
-    csv_path.write_text(csv_path.read_text().splitlines()[0] + "\n"
-                        "1000009,https://example.com/x.mp4,PT00H00M03S,..,a red circle moves up.\n")
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0], "1000009,https://example.com/x.mp4,PT00H00M03S,..,a red circle moves up.",
+                                   rows[1]]) + "\n")
 
     _, _, rejects = import_source("webvid", src, tmp_path / "out")
 
@@ -532,6 +639,8 @@ def test_unreadable_source_raises(fmt, tmp_path):
     ("webvid.num_frames=0", "import.webvid.num_frames must be >= 1, got 0"),
     ("webvid.frame_format=gif", "import.webvid.frame_format must be one of png, jpg, got 'gif'"),
     ("webvid.videos_dir=", "import.webvid.videos_dir must not be empty"),
+    ("webvid.duration_tolerance_s=-1", "import.webvid.duration_tolerance_s must be >= 0 seconds, got -1"),
+    ("min_kept_fraction=1.5", r"import.min_kept_fraction must be in \[0, 1\], got 1.5"),
     ("grit.min_box_score=1.5", r"import.grit.min_box_score must be in \[0, 1\], got 1.5"),
     ("grit.min_box_score=.nan", r"'import.grit.min_box_score' in override 'grit.min_box_score=.nan': "
                                 r"expected a finite number"),

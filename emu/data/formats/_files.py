@@ -221,34 +221,57 @@ def json_type(value: Any) -> str:
 
 
 class ImageFiles:
-    """Reads the image files that records name relative to one folder (MMC4's images/, LLaVA's
-    image folder, COCO's val2014/).
+    """Reads the image files that records name relative to a folder (MMC4's images/, LLaVA's
+    image folder, COCO's val2014/), looked for in each of `roots` in turn: public datasets are
+    unpacked in more than one layout, and a record must not fail because its image sits in the
+    other usual place.
 
     Names that are absolute or climb out with `..` are refused: a record must not pull arbitrary
     files into a dataset. With `keep`, the last `keep` files read stay in memory, because VQAv2
     asks several questions about one image in a row and LLaVA records share images; never more.
+    A missing image's message lists every path tried, then `hint` (the setting that says where).
     """
 
-    def __init__(self, root: Path, keep: int = 0):
-        self.root = root
+    def __init__(self, roots: Path | list[Path], keep: int = 0, hint: str = ""):
+        self.roots = [roots] if isinstance(roots, Path) else list(dict.fromkeys(roots))
+        # Folders that do not exist are named in messages but never searched (a stat per image each).
+        self._present = [root for root in self.roots if root.is_dir()]
+        self.hint = hint
         self._read = functools.lru_cache(maxsize=keep)(self._read_file) if keep else self._read_file
 
-    def read(self, name: str) -> bytes:
-        """The bytes of `root/name`; SampleProblem `image_path_unsafe`, `image_file_missing` or
-        `image_file_unreadable` otherwise."""
-        return self._read(name)
+    def read(self, name: str, *alternatives: str) -> bytes:
+        """The bytes of the first `root/name` (or `root/alternative`) that exists; SampleProblem
+        `image_path_unsafe`, `image_file_missing` or `image_file_unreadable` otherwise."""
+        return self._read((name, *alternatives))
 
-    def _read_file(self, name: str) -> bytes:
-        relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\0" in name:
-            # A NUL byte is no valid file name: the OS call would raise ValueError, not OSError.
-            raise SampleProblem("image_path_unsafe",
-                                f"image path {name!r} is empty, absolute, climbs out with '..' or holds a NUL byte")
-        path = self.root / relative
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            raise SampleProblem("image_file_missing", f"image file {path} does not exist") from None
-        except OSError as exc:
-            raise SampleProblem("image_file_unreadable",
-                                f"cannot read image file {path}: {exc.strerror or exc}") from None
+    def _read_file(self, names: tuple[str, ...]) -> bytes:
+        relatives = [_safe_relative(name) for name in names]
+        for root in self._present:
+            for relative in relatives:
+                path = root / relative
+                try:
+                    return path.read_bytes()
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    raise SampleProblem("image_file_unreadable",
+                                        f"cannot read image file {path}: {exc.strerror or exc}") from None
+        tried = [str(root / relative) for root in self.roots for relative in relatives]
+        where = tried[0] if len(tried) == 1 else "any of " + ", ".join(tried)
+        raise SampleProblem("image_file_missing",
+                            f"image file {names[0]} not found: looked for {where}" + (f" ({self.hint})" if self.hint else ""))
+
+
+def _safe_relative(name: str) -> PurePosixPath:
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts or "\0" in name:
+        # A NUL byte is no valid file name: the OS call would raise ValueError, not OSError.
+        raise SampleProblem("image_path_unsafe",
+                            f"image path {name!r} is empty, absolute, climbs out with '..' or holds a NUL byte")
+    return relative
+
+
+def relative_name(base: Path, path: Path) -> str:
+    """`path` as samples and rejects name it: relative to `base` when inside it, else in full (a
+    file given by an absolute setting)."""
+    return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)

@@ -1,9 +1,13 @@
 """COCO captions (`--format coco`) → `captions` evaluation samples (docs/formats.md).
 
-SRC holds `annotations/captions_{split}.json` ({info, images, licenses, annotations}) and the images
-`{split}/{file_name}`. One sample per `images` entry, in file order, with its captions in annotation
-order. Key: `coco<image_id>`; `source`: `annotations/captions_{split}.json:<image_id>`. `meta` keeps
-the image entry's other fields (file_name, width, height, coco_url ...), `split` and `caption_ids`.
+The official downloads hold `annotations/captions_{split}.json` ({info, images, licenses,
+annotations}) and the images `{split}/{file_name}`. The captions file is found there (or in SRC
+itself), or named explicitly: SRC may be the captions file, `coco.annotations` names it, and
+`coco.images_dir` the image folder (`emu data import --annotations --images`); images are looked
+for in `{split}/` and `images/{split}/` beside `annotations/` and in SRC. One sample per `images`
+entry, in file order, with its captions in annotation order. Key: `coco<image_id>`; `source`:
+`<captions file relative to SRC>:<image_id>`. `meta` keeps the image entry's other fields
+(file_name, width, height, coco_url ...), `split` and `caption_ids`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emu.data.formats._files import ImageFiles, load_json, natural_sorted, reject, resolve_dir, source_name
+from emu.data.formats._files import ImageFiles, load_json, natural_sorted, reject, relative_name, resolve_dir
 from emu.data.reject import Reject
 from emu.data.schema import Captions
 from emu.data.shards import SampleProblem, sanitize_key
@@ -24,18 +28,26 @@ if TYPE_CHECKING:
     from emu.data.formats import ImportConfig
 
 ANNOTATIONS_GLOB = "captions_*.json"
+#: Folders (relative to SRC) searched for the captions files: the official layout, then SRC.
+ANNOTATION_FOLDERS = ("annotations", ".")
+#: Image folders relative to the folder holding `annotations/` (or SRC), {split} filled in.
+IMAGE_FOLDERS = ("{split}", "images/{split}", "images", ".")
 
 
 @dataclass
 class Options:
-    """Settings of `--format coco` (the `import.coco` group)."""
+    """Settings of `--format coco` (the `import.coco` group). Paths are relative to SRC (to its
+    folder when SRC is the captions file), or absolute."""
 
-    #: Folder of the images, relative to SRC (or absolute); default: SRC/{split}.
+    #: The captions file; default: every annotations/captions_{split}.json (or SRC/captions_*.json).
+    annotations: str | None = None
+    #: Folder of the images; default: the first of IMAGE_FOLDERS that holds the image.
     images_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.images_dir == "":
-            raise ConfigError("import.coco.images_dir must name a folder, or be null for SRC/{split}")
+        for name in ("annotations", "images_dir"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"import.coco.{name} must name a path, or be null to find it in SRC")
 
 
 @dataclass(frozen=True)
@@ -46,22 +58,52 @@ class CaptionEntry:
 
 def read(src: Path, config: ImportConfig) -> Iterator[Captions | Reject]:
     """Find the caption files (SourceError when there is none), then yield their images' samples."""
-    files = natural_sorted((src / "annotations").glob(ANNOTATIONS_GLOB)) if src.is_dir() else []
-    if not files:
-        raise SourceError(f"{src} must be a folder holding annotations/captions_{{split}}.json (COCO layout)")
-    return _samples(src, files, config.coco)
+    base = src if src.is_dir() else src.parent
+    return _samples(base, _caption_files(src, base, config.coco), config.coco)
 
 
-def _samples(src: Path, files: list[Path], options: Options) -> Iterator[Captions | Reject]:
+def _caption_files(src: Path, base: Path, options: Options) -> list[Path]:
+    if src.is_file():
+        if options.annotations is not None:
+            raise SourceError(f"SRC {src} is a captions file and import.coco.annotations names "
+                              f"{options.annotations}: give the captions file once")
+        return [src]
+    if options.annotations is not None:
+        path = resolve_dir(base, options.annotations, base)
+        if not path.is_file():
+            raise SourceError(f"import.coco.annotations: no file {path}")
+        return [path]
+    for folder in ANNOTATION_FOLDERS:
+        files = natural_sorted((base / folder).glob(ANNOTATIONS_GLOB)) if (base / folder).is_dir() else []
+        if files:
+            return files
+    looked = " or ".join(str(base / folder / ANNOTATIONS_GLOB) for folder in ANNOTATION_FOLDERS)
+    raise SourceError(f"no COCO captions file: looked for {looked}; pass the file as --src or --annotations")
+
+
+def _split_of(path: Path) -> str:
+    """`val2014` of captions_val2014.json; any other name's stem."""
+    return path.name[len("captions_"):-len(".json")] if path.match(ANNOTATIONS_GLOB) else path.stem
+
+
+def _image_roots(base: Path, path: Path, split: str, options: Options) -> list[Path]:
+    if options.images_dir is not None:
+        return [resolve_dir(base, options.images_dir, base)]
+    # The folder the official zips unpack into holds annotations/ beside the image folders.
+    top = path.parent.parent if path.parent.name == "annotations" else path.parent
+    return [folder / pattern.format(split=split) for folder in (top, base) for pattern in IMAGE_FOLDERS]
+
+
+def _samples(base: Path, files: list[Path], options: Options) -> Iterator[Captions | Reject]:
     for path in files:
-        split = path.name[len("captions_"):-len(".json")]
-        name = source_name(src, path)
+        split = _split_of(path)
+        name = relative_name(base, path)
         data = load_json(path)
         if not isinstance(data, dict) or not all(isinstance(data.get(f), list) for f in ("images", "annotations")):
             raise SourceError(f"{path} must hold a JSON object with 'images' and 'annotations' lists (COCO layout)")
         captions, invalid = _captions_by_image(data["annotations"], name)
         yield from invalid
-        images = ImageFiles(resolve_dir(src, options.images_dir, src / split))
+        images = ImageFiles(_image_roots(base, path, split, options), hint="set import.coco.images_dir or --images")
         for index, image in enumerate(data["images"]):
             yield _sample(image, index, captions, images, name, split)
         listed = {_int_field(image, "id") for image in data["images"]}

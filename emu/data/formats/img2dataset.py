@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from emu.data.formats import webdataset
 from emu.data.images import ImageProblem, inspect_image
 from emu.data.reject import Reject
 from emu.data.schema import Pair
@@ -46,7 +47,14 @@ PARQUET_BATCH_ROWS = 4096
 
 @dataclass
 class Options:
-    """img2dataset has no settings: every check it needs is part of the format."""
+    """Settings of `--format img2dataset` (the `import.img2dataset` group)."""
+
+    #: Compare the json's sha256 (md5, sha512) with the stored image. img2dataset hashes the
+    #: original download, before it resizes and re-encodes (its default `--resize_mode border`
+    #: at 256 px re-encodes every image), so by default the hash is kept in meta and not compared.
+    #: Set true for output written with `--resize_mode no --skip_reencode True`, whose stored
+    #: bytes are the download's: then a differing hash is an `image_hash_mismatch`.
+    verify_hash: bool = False
 
 
 @dataclass
@@ -111,49 +119,29 @@ def _tar_records(src: Path, tar: Path, config: ImportConfig) -> Iterator[Record 
         source = source_of(src, tar, raw.key)
         key = sanitize_key(raw.key) if raw.key else ""
         try:
-            yield _record(raw, source, key, config.max_image_pixels)
+            yield _record(raw, source, key, config)
         except SampleProblem as exc:
             yield Reject(source, key, exc.problem.rule, exc.problem.message)
     return found
 
 
-def _record(raw: RawSample, source: str, key: str, max_pixels: int) -> Record:
+def _record(raw: RawSample, source: str, key: str, config: ImportConfig) -> Record:
     if raw.problems:
         raise SampleProblem(raw.problems[0].rule, raw.problems[0].message)
-    fields = _json_member(raw)
-    image = _image_member(raw)
+    fields = webdataset.json_member(raw, required=True)
+    webdataset.check_key(raw, fields)
+    image = webdataset.image_member(raw, IMAGE_EXTENSIONS)
     try:
-        info = inspect_image(image, max_pixels=max_pixels, decode=False)  # header only; the runner decodes
+        # header only; the runner decodes
+        info = inspect_image(image, max_pixels=config.max_image_pixels, decode=False)
     except ImageProblem as exc:
         raise SampleProblem(exc.rule, exc.message) from None
-    _check_hash(fields, image)
+    if config.img2dataset.verify_hash:
+        _check_hash(fields, image)
     _check_size(fields, info.width, info.height)
     meta = {name: value for name, value in fields.items() if name not in OWN_FIELDS}
     meta.update({name: fields[name] for name in META_FIELDS if name in fields})
     return Record(source=source, key=key, image=image, caption=_caption(raw, fields), meta=meta)
-
-
-def _json_member(raw: RawSample) -> dict[str, Any]:
-    if "json" not in raw.members:
-        raise SampleProblem("record_missing", f"no {raw.key}.json member")
-    try:
-        # json.loads accepts NaN/Infinity (Python's json.dumps writes them for float NaN); _check_size rejects them.
-        fields = json.loads(raw.members["json"].decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SampleProblem("record_not_utf8", f"{raw.key}.json is not UTF-8: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SampleProblem("record_not_json", f"{raw.key}.json is not JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise SampleProblem("record_invalid", f"{raw.key}.json must hold an object")
-    return fields
-
-
-def _image_member(raw: RawSample) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in raw.members:
-            return raw.members[ext]
-    names = ", ".join(sorted(raw.members))
-    raise SampleProblem("image_missing", f"no {raw.key}.jpg|png|webp member (members: {names})")
 
 
 def _caption(raw: RawSample, fields: dict[str, Any]) -> str:

@@ -2,7 +2,8 @@
 (docs/formats.md).
 
 SRC is a JSON file holding a list of records (`llava_v1_5_mix665k.json`), or a folder holding
-exactly one `*.json`. A record has `id`, `image` (a path, a list of paths as in LLaVA-NeXT, or
+exactly one `*.json`. Image paths are relative to `llava.image_folder`, by default the JSON's
+folder, then `images/` beside it; a missing image's reject names every path tried. A record has `id`, `image` (a path, a list of paths as in LLaVA-NeXT, or
 absent for text-only records) and `conversations` [{"from": "human"|"gpt"|"system", "value"}].
 Key: the sanitised `id`, else `<file stem>-<index>`; `source` is `<file>:<index>`, the record's
 position in the JSON list counted from 0.
@@ -40,7 +41,8 @@ class Options:
     """Settings of `--format llava` (the `import.llava` group)."""
 
     #: Folder the records' `image` paths are relative to (LLaVA's --image_folder), itself relative
-    #: to the JSON file's folder (or absolute); default: the JSON file's folder.
+    #: to the JSON file's folder (or absolute); default: the JSON file's folder, then an `images/`
+    #: folder beside it (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json sits beside images/).
     image_folder: str | None = None
     #: The system-message family these chats train with in instruction tuning (Emu2 §2.3 gives
     #: each data category its own system message).
@@ -58,7 +60,9 @@ def read(src: Path, config: ImportConfig) -> Iterator[Chat | Gen | Reject]:
     it is not a JSON array (raised when iteration reaches the problem)."""
     path = _json_file(src)
     records = iter_json_array(path, what="a JSON array of LLaVA records")
-    images = ImageFiles(resolve_dir(path.parent, config.llava.image_folder, path.parent), keep=RECENT_IMAGES)
+    roots = ([resolve_dir(path.parent, config.llava.image_folder, path.parent)] if config.llava.image_folder
+             else [path.parent, path.parent / "images"])
+    images = ImageFiles(roots, keep=RECENT_IMAGES, hint="set import.llava.image_folder or --images")
     return _samples(records, source_name(src, path), sanitize_key(path.stem), images, config.llava.category)
 
 

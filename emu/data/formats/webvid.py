@@ -47,6 +47,9 @@ class Options:
     frame_format: str = "png"
     # Folder of the downloaded videos, relative to SRC unless absolute (download.py: `videos`).
     videos_dir: str = "videos"
+    # Seconds the CSV's duration may differ from the decoded video's before the row is rejected
+    # (`duration_mismatch`): WebVid writes whole seconds, so a correct row is off by up to 1 s.
+    duration_tolerance_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -56,6 +59,8 @@ class Options:
                               f"got {self.frame_format!r}")
         if not self.videos_dir:
             raise ConfigError("import.webvid.videos_dir must not be empty (use '.' for SRC itself)")
+        if not self.duration_tolerance_s >= 0:  # also refuses NaN
+            raise ConfigError(f"import.webvid.duration_tolerance_s must be >= 0 seconds, got {self.duration_tolerance_s}")
 
 
 def read(src: Path, config: ImportConfig) -> Iterator[Pair | Reject]:
@@ -109,7 +114,11 @@ def _sample(row: dict[str, Any], key: str, source: str, videos: Path, options: O
             max_pixels: int = DEFAULT_MAX_PIXELS) -> Pair:
     duration_s = _duration_seconds(row["duration"])
     path = _video_path(videos, row["page_dir"] or "", row["videoid"] or "")
-    frames, indices, total = decode_frames(path, options.num_frames, options.frame_format, max_pixels)
+    frames, indices, total, decoded_s = decode_frames(path, options.num_frames, options.frame_format, max_pixels)
+    if decoded_s is not None and abs(decoded_s - duration_s) > options.duration_tolerance_s:
+        raise SampleProblem("duration_mismatch",
+                            f"the CSV says {row['duration']} ({duration_s:g} s) but {path.name} lasts {decoded_s:.2f} s "
+                            f"(more than import.webvid.duration_tolerance_s={options.duration_tolerance_s:g} apart)")
     meta = {"videoid": row["videoid"], "contentUrl": row["contentUrl"], "page_dir": row["page_dir"],
             "duration": row["duration"], "duration_s": duration_s, "video_frames": total,
             "frame_indices": indices}
@@ -145,10 +154,11 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
 
 
 def decode_frames(path: Path, num_frames: int, frame_format: str,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[bytes], list[int], int]:
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[bytes], list[int], int, float | None]:
     """Decode `path` once, front to back, keeping only the sampled frames.
 
-    Returns (encoded frames in time order, their indices, the video's frame count). Raises
+    Returns (encoded frames in time order, their indices, the video's frame count, its duration
+    in seconds, None when the container states none). Raises
     SampleProblem("video_undecodable") for anything PyAV cannot read, and
     SampleProblem("image_decompression_bomb") for a declared frame size above `max_pixels`,
     checked before any frame is decoded.
@@ -169,6 +179,7 @@ def decode_frames(path: Path, num_frames: int, frame_format: str,
             total = stream.frames or _count_frames(path)
             if total < 1:
                 raise SampleProblem("video_undecodable", f"{path.name} holds no video frames")
+            seconds = _duration_of(container, stream)
             indices = sample_indices(total, num_frames)
             wanted = {i: None for i in indices}
             for index, frame in enumerate(container.decode(stream)):
@@ -182,7 +193,18 @@ def decode_frames(path: Path, num_frames: int, frame_format: str,
     if missing:
         raise SampleProblem("video_undecodable",
                             f"{path.name} declares {total} frames but frame {missing[0]} could not be decoded")
-    return [wanted[i] for i in indices], indices, total
+    return [wanted[i] for i in indices], indices, total, seconds
+
+
+def _duration_of(container, stream) -> float | None:
+    """The video stream's duration as its container states it, else the container's."""
+    import av
+
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
 
 
 def _count_frames(path: Path) -> int:

@@ -17,11 +17,13 @@ import math
 import random
 import tarfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from emu.data.synth import world
 from emu.data.synth.config import SynthConfig, sample_rng
@@ -39,6 +41,9 @@ IMG2DATASET_COLUMNS = pa.schema([
     ("original_width", pa.int32()), ("original_height", pa.int32()), ("exif", pa.string()),
     ("sha256", pa.string()),
 ])
+#: How much larger than the stored image the synthetic "downloads" are (img2dataset resizes them
+#: down to --image_size); cycled by sample index, so originals come in several sizes.
+DOWNLOAD_SCALES = (2, 3, 4)
 _YOUTUBE_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 #: Additional img2dataset columns of one sample: (scene, its random stream, index) -> {column: value}.
@@ -118,8 +123,9 @@ def _write_img2dataset_shards(out: Path, config: SynthConfig, count_name: str, s
                 key = f"{true_key:0{SHARD_DIGITS + index_digits}d}"
                 rng = sample_rng(config, stream, i)
                 scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes)
-                image = world.encode(world.render(scene), "jpg")
-                row = {**extra_columns(scene, rng, i), **_img2dataset_fields(scene, key, stream, image)}
+                original, download, image = _download_and_resize(scene, i)
+                row = {**extra_columns(scene, rng, i),
+                       **_img2dataset_fields(scene, original, download, key, stream)}
                 _add_sample(tar, key, {"jpg": image, "txt": row["caption"].encode("utf-8"),
                                        "json": json.dumps(row, indent=4).encode("utf-8")})
                 rows.append(row)
@@ -128,9 +134,24 @@ def _write_img2dataset_shards(out: Path, config: SynthConfig, count_name: str, s
     return count
 
 
-def _img2dataset_fields(scene: world.Scene, key: str, stream: str, image: bytes) -> dict[str, Any]:
-    """The fields img2dataset appends to every successful sample, in its order (no resizing, so the
-    original size is the size)."""
+def _download_and_resize(scene: world.Scene, index: int) -> tuple[world.Scene, bytes, bytes]:
+    """(the "downloaded" scene, its JPEG, the stored JPEG) of one sample, as img2dataset makes them
+    with its defaults: the download is the scene drawn DOWNLOAD_SCALES[i % 3] times larger; it is
+    resized down to the scene's size (`--resize_mode border`: aspect kept, square scenes need no
+    border; cv2.INTER_AREA, which PIL's box filter equals for whole-number factors) and
+    re-encoded at quality 95, so the stored bytes never hash to the download's sha256."""
+    original = replace(scene, size=scene.size * DOWNLOAD_SCALES[index % len(DOWNLOAD_SCALES)])
+    downloaded = world.encode(world.render(original), "jpg")
+    with Image.open(io.BytesIO(downloaded)) as decoded:
+        resized = decoded.convert("RGB").resize((scene.size, scene.size), Image.Resampling.BOX)
+    return original, downloaded, world.encode(resized, "jpg")
+
+
+def _img2dataset_fields(scene: world.Scene, original: world.Scene, download: bytes, key: str,
+                        stream: str) -> dict[str, Any]:
+    """The fields img2dataset appends to every successful sample, in its order: the size after
+    resizing, the original download's size, and the sha256 of the download (img2dataset hashes
+    before it resizes)."""
     return {
         "caption": world.caption(scene),
         "url": f"https://example.com/{stream}/{key}.jpg",
@@ -139,10 +160,10 @@ def _img2dataset_fields(scene: world.Scene, key: str, stream: str, image: bytes)
         "error_message": None,
         "width": scene.size,
         "height": scene.size,
-        "original_width": scene.size,
-        "original_height": scene.size,
+        "original_width": original.size,
+        "original_height": original.size,
         "exif": "{}",
-        "sha256": hashlib.sha256(image).hexdigest(),
+        "sha256": hashlib.sha256(download).hexdigest(),
     }
 
 
