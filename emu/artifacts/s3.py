@@ -535,6 +535,54 @@ def resolve_local(path_or_uri: str | os.PathLike[str] | S3Location,
     return download_prefix(location, dest, settings)
 
 
+def resolve_local_file(path_or_uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+                       settings: S3Settings | None = None) -> Path:
+    """A local file for a setting that takes "a local file or an s3:// URI of one" (a pretrained
+    checkpoint file such as EVA-CLIP's). A local path must be a file (ConfigError naming it). An
+    s3:// URI names one object, downloaded to `<cache_dir>/s3/<bucket>/<key>` unless the copy
+    there has the object's size and ETag (a sidecar records them), under the same lock as
+    `download_prefix`."""
+    text = os.fspath(path_or_uri)
+    if not _SCHEME_RE.match(text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"local file {text} {'is a folder' if path.is_dir() else 'does not exist'}")
+        return path
+    if not text.lower().startswith("s3:"):
+        raise ConfigError(f"unsupported URI {text!r}: expected a local file or s3://bucket/key")
+    location = S3Location.parse(text)
+    if not location.prefix:
+        raise ConfigError(f"{text} names a bucket, not an object: expected s3://bucket/key")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root.joinpath("s3", location.bucket, *location.prefix.split("/"))
+    parent_prefix = location.prefix.rpartition("/")[0]
+    s3 = client(settings)
+    where = f"cannot download {location} from {s3.meta.endpoint_url}"
+    from botocore.exceptions import ClientError
+
+    try:
+        with _s3_errors(where):
+            head = s3.head_object(Bucket=location.bucket, Key=location.prefix)
+    except SourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ClientError) and str(cause.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+            raise SourceError(f"{where}: no such object") from None
+        raise
+    obj = _Object(location.prefix, target.name, int(head["ContentLength"]), head.get("ETag", ""))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = target.parent / f".emu-s3-file-{target.name}.json"
+    with _locked(target.parent / _LOCK_NAME):
+        try:
+            entry = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            entry = None
+        if not _up_to_date(target, obj, entry if isinstance(entry, dict) else None):
+            with _s3_errors(where):
+                entry = _fetch(s3, S3Location(location.bucket, parent_prefix), target.parent, obj, where)
+            sidecar.write_text(json.dumps(entry))
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 

@@ -14,6 +14,8 @@ from emu.errors import ConfigError
 #: OpenAI CLIP normalisation, used by EVA-CLIP and Emu2's preprocessing (official chat.py).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: File types a pretrained checkpoint file may have (emu.model.pretrained).
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -32,8 +34,17 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    #: EVA-CLIP checkpoint file (local path or s3:// URI) a model built from scratch (stage 1
+    #: without `init`) starts its encoder from: an EVA-CLIP / open_clip state dict, with or
+    #: without the `visual.` prefix, or the released Emu2 weights (emu.model.pretrained). The
+    #: sizes above must match it (the position table is interpolated to `image_size`). Empty:
+    #: random initialisation. Emu2: EVA-02-CLIP-E-plus (§2.1).
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
+        if self.pretrained and not self.pretrained.endswith(WEIGHT_SUFFIXES):
+            raise ConfigError(f"model.vision.pretrained ({self.pretrained!r}) must be a checkpoint file "
+                              f"({', '.join(WEIGHT_SUFFIXES)}), local or s3://")
         if self.image_size % self.patch_size:
             raise ConfigError(f"model.vision.image_size ({self.image_size}) must be a multiple of "
                               f"model.vision.patch_size ({self.patch_size})")
@@ -72,6 +83,11 @@ class LMConfig:
     """The causal LM (LLaMA by default). With `pretrained` set, weights and architecture come from
     that Hugging Face folder (local path or s3:// URI) and the size fields are ignored."""
 
+    #: Hugging Face causal-LM folder (local or s3://: config.json, safetensors weights and the
+    #: LM's tokenizer) a model built from scratch starts from: any architecture transformers'
+    #: AutoModelForCausalLM loads (LLaMA, Llama-2/3, Mistral, Qwen2, ...). Its own tokenizer is
+    #: used (stage1.tokenizer empty), with the Emu2 special tokens added and the embeddings grown
+    #: to match (emu.model.emu.build_lm). Emu2: LLaMA-33B (§2.1).
     pretrained: str = ""
     vocab_size: int = 576     # grown to fit the tokenizer (special tokens included) at build time
     hidden_size: int = 64

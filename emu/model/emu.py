@@ -158,15 +158,22 @@ class EmuModel(nn.Module):
         self.project_down = Projection(hidden, config.visual_dim, std)  # LM -> EVA space (regression)
 
     @classmethod
-    def build(cls, config: EmuConfig, tokenizer) -> EmuModel:
-        """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included; build_lm).
-        The encoder is freshly initialised: `model.vision.pretrained` weights are loaded into it
-        by emu.model.pretrained.load_vision_weights (the stage does, partition-aware)."""
+    def build(cls, config: EmuConfig, tokenizer, load_weights=None) -> EmuModel:
+        """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included; build_lm),
+        its LM from `model.lm.pretrained` and its encoder from `model.vision.pretrained` when they
+        are set (emu.model.pretrained), the rest freshly initialised. `load_weights(module, source,
+        resize=...)` copies the encoder's weights (default: all at once; the ZeRO-3 loader under
+        ZeRO-3, emu.train.engine.PartitionedInit.load_weights)."""
         from emu.data.tokenizer import GIMG, IMAGE, base_vocab_size
 
         ids = VisualTokenIds(image=tokenizer.convert_tokens_to_ids(IMAGE), frame=tokenizer.convert_tokens_to_ids(GIMG))
         own = bool(config.lm.pretrained) and _is_own_tokenizer(tokenizer, config.lm.pretrained)
-        return cls(config, ids, build_lm(config.lm, len(tokenizer), base_vocab_size(tokenizer) if own else None))
+        model = cls(config, ids, build_lm(config.lm, len(tokenizer), base_vocab_size(tokenizer) if own else None))
+        if config.vision.pretrained:
+            from emu.model.pretrained import load_vision_weights
+
+            load_vision_weights(model.visual, config.vision.pretrained, load_weights)
+        return model
 
     # ---- images to visual embeddings -------------------------------------------------------
 

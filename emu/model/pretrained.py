@@ -37,11 +37,12 @@ from pathlib import Path
 import torch
 
 from emu.errors import ConfigError
+from emu.model.config import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-#: File types a checkpoint file may have: safetensors, or a torch pickle of a state dict.
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+__all__ = ["WEIGHT_SUFFIXES", "TensorSource", "VisionLoad", "eva_clip_weights", "load_pretrained_lm",
+           "load_vision_weights", "open_checkpoint", "safetensors_header"]
 #: Keys of the CLIP head after EVA-CLIP's blocks (eva_vit_model.py `norm`, `fc_norm`, `head`):
 #: not part of Emu2's encoder, which ends at the last block.
 CLIP_HEAD = ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
@@ -268,7 +269,12 @@ def load_vision_weights(visual: torch.nn.Module, path: str, load: Callable | Non
     trainer passes the ZeRO-3 loader, emu.train.engine.PartitionedInit.load_weights)."""
     from emu.model.io import load_weights_whole
 
-    found = eva_clip_weights(open_checkpoint(local_file(path, setting)), encoder_shapes(visual), setting)
+    file = local_file(path, setting)
+    try:
+        source = open_checkpoint(file)
+    except ConfigError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+    found = eva_clip_weights(source, encoder_shapes(visual), setting)
     (load or load_weights_whole)(visual, found.source, resize=found.resize())
     log.info("visual encoder: %s", found.describe())
     return found
