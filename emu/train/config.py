@@ -71,6 +71,11 @@ class RuntimeConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
     keep_checkpoints: int = 2
     log_every: int = 1
+    #: Data loader processes preparing steps ahead (reading, decoding, tokenising, packing;
+    #: emu.train.loader); 0 prepares each step in the training process.
+    loader_workers: int = 0
+    #: Steps each loader worker prepares ahead.
+    loader_prefetch: int = 2
     seed: int = 0
     peak_tflops: float = 0.0   # per-device peak for MFU; 0 = a known GPU's bf16 peak, none on CPU
     progress: bool = True      # tqdm bar with ETA on rank 0
@@ -78,7 +83,9 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"runtime.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("micro_batch_size", "keep_checkpoints", "log_every"):
+        if self.loader_workers < 0:
+            raise ConfigError(f"runtime.loader_workers must be >= 0 (0 = in the training process), got {self.loader_workers}")
+        for name in ("micro_batch_size", "keep_checkpoints", "log_every", "loader_prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
         if self.zero3_persistence_threshold < 0:

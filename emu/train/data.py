@@ -455,6 +455,13 @@ class Mixture:
         self.step += 1
         return batch
 
+    def advance(self, steps: int = 1) -> None:
+        """Skip `steps` steps without reading them: only the positions move (emu.train.loader)."""
+        for t, b in self.batch_sizes.items():
+            self._window[t] += b * steps
+            self.streams[t].seek(self._window[t])
+        self.step += steps
+
     def epochs(self) -> dict[str, float]:
         """Epochs of each type read so far (by all ranks together), for logging."""
         return {t: self._window[t] / self.streams[t].epoch_size for t in self.types}

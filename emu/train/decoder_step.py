@@ -138,6 +138,11 @@ class DecoderStep:
 
     # ---- the step ----------------------------------------------------------------------------
 
+    def prepare(self, samples: list[Sample], step: int) -> list[Sample]:
+        """What the data loader hands over: the samples themselves (crops and encoding need the
+        step's generators, so they run with the step)."""
+        return samples
+
     def __call__(self, samples: list[Sample], step: int) -> StepResult:
         seed = self.config.runtime.seed
         # Every random draw of the step is seeded by (seed, rank, step), so a resumed run repeats it.

@@ -3,6 +3,11 @@
 samples -> token sequences (emu.data.sequence, stage rules) -> packed rows (emu.data.packing)
 -> micro-batches of `runtime.micro_batch_size` rows -> EmuModel forward/backward, accumulated.
 
+Two halves: `LMBatcher.prepare` does everything up to CPU tensors (tokenising, packing, image
+decoding and resizing, precomputed-embedding lookups) and runs in the data loader's workers
+(emu.train.loader), off the training thread; `LMStep` moves a prepared step to the device and
+runs it. The batcher also counts targets on the host, so the step needs no device sync for them.
+
 Each micro-batch's loss is weighted by its share of the whole step's targets, summed over all
 ranks: text CE by (its text targets / all text targets), image MSE by (its regressed embeddings /
 all regressed embeddings), times the world size because DeepSpeed averages gradients over
@@ -20,18 +25,21 @@ Random choices (image/text order, entity dropping) come from a generator per sam
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
 
 from emu.data.packing import Batch, collate, pack
 from emu.data.schema import Pair, Sample
-from emu.data.sequence import SequenceBuilder, VisualSlot
-from emu.model.emu import IGNORE, EmuModel
+from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
+from emu.model.config import VisionConfig
+from emu.model.emu import IGNORE
 from emu.model.vision import preprocess
 from emu.train.engine import Engine, all_reduce_max, all_reduce_sum
 from emu.train.metrics import FlopModel
@@ -57,20 +65,55 @@ def limit_frames(sample: Sample, frames: int) -> Sample:
     return sample
 
 
-class LMStep:
-    def __init__(self, *, engine: Engine, model: EmuModel, builder: SequenceBuilder, max_len: int, packing: bool,
-                 micro_rows: int, pad_id: int, seed: int, rank: int, world: int, weights: LMWeights | None = None,
-                 video_frames: int | None = None, flops: FlopModel | None = None,
-                 embeddings: EmbeddingLookup | None = None):
-        self.engine, self.model, self.builder = engine, model, builder
+@dataclass
+class MicroBatch:
+    """One micro-batch: EmuModel.forward's tensor inputs on the CPU, and its target counts."""
+
+    inputs: dict[str, torch.Tensor]
+    text_targets: int   # supervised text targets
+    image_targets: int  # regressed visual embeddings
+
+
+@dataclass
+class PreparedStep:
+    """A rank's step, ready for the device: micro-batches, and what the step reports."""
+
+    micro: list[MicroBatch]
+    samples: int
+    tokens: int                 # positions of sequences (not padding)
+    padding: int
+    lengths: list[int]          # sequence lengths (the attention FLOPs)
+    images: int                 # images and frames encoded online (0 when precomputed)
+    skipped_too_long: int = 0   # samples left out by sequence.too_long=skip, this step
+    truncated: int = 0          # chats truncated at max_len, this step
+    keys: list[str] = field(default_factory=list)
+
+    def pin_memory(self) -> PreparedStep:
+        """Page-locked copies (the DataLoader calls this with pin_memory=True): the copy to the
+        GPU then runs asynchronously."""
+        for micro in self.micro:
+            micro.inputs = {k: v.pin_memory() for k, v in micro.inputs.items()}
+        return self
+
+
+class LMBatcher:
+    """The CPU half of an LM step (module docstring). Holds no model: it runs in loader workers."""
+
+    def __init__(self, builder: SequenceBuilder, *, max_len: int, packing: bool, micro_rows: int, pad_id: int,
+                 seed: int, vision: VisionConfig, image_tokens: int, frame_tokens: int, attn_implementation: str,
+                 mask_dtype: torch.dtype, image_size: Callable[[int], int] | None = None,
+                 video_frames: int | None = None, embeddings: EmbeddingLookup | None = None):
+        self.builder = builder
         self.max_len, self.packing, self.micro_rows, self.pad_id = max_len, packing, micro_rows, pad_id
-        self.seed, self.rank, self.world = seed, rank, world
-        self.weights = weights or LMWeights()
+        self.seed = seed
+        self.vision = vision
+        self.image_tokens, self.frame_tokens = image_tokens, frame_tokens
+        self.attn_implementation, self.mask_dtype = attn_implementation, mask_dtype
+        self.image_size = image_size or (lambda step: vision.image_size)
         self.video_frames = video_frames
-        self.flops = flops
         self.embeddings = embeddings
 
-    def sequences(self, samples: list[Sample], step: int):
+    def sequences(self, samples: list[Sample], step: int) -> list[TokenSequence]:
         """The step's sequences; each sample's rng depends only on (seed, step, its key):
         resumable, reproducible, and the same on any rank and world size."""
         if self.video_frames:
@@ -85,72 +128,96 @@ class LMStep:
         batches = [collate(rows[i:i + self.micro_rows], self.pad_id) for i in range(0, len(rows), self.micro_rows)]
         return batches, [len(s.ids) for s in sequences]
 
-    def __call__(self, samples: list[Sample], step: int) -> StepResult:
+    def prepare(self, samples: list[Sample], step: int) -> PreparedStep:
+        skipped, truncated = self.builder.skipped["too_long"], sum(self.builder.truncated.values())
         batches, lengths = self.batches(samples, step)
-        device = self.engine.device
-        local_text = sum(int((b.targets != IGNORE).sum()) for b in batches)
-        local_image = sum(self._regressed(b) for b in batches)
-        n_text, n_image = all_reduce_sum([local_text, local_image], device=device)
-        n_micro = int(all_reduce_max([len(batches)], device=device)[0])
-        blanks = n_micro - len(batches)
-        text_sum = image_sum = 0.0
-        for batch in batches + [self._blank()] * blanks:
-            out = self.engine.engine(**self._inputs(batch))
-            # Parts without targets (anywhere, or in this micro-batch) enter with weight 0: their
-            # modules still ran and must still send (zero) gradients.
-            text_scale = self.weights.text * out.text_targets * self.world / n_text if n_text else 0.0
-            image_scale = self.weights.image * out.image_targets * self.world / n_image if n_image else 0.0
-            self.engine.backward(out.text_loss * text_scale + out.image_loss * image_scale)
-            text_sum += float(out.text_loss.detach()) * out.text_targets
-            image_sum += float(out.image_loss.detach()) * out.image_targets
-        text_total, image_total, all_blanks = all_reduce_sum([text_sum, image_sum, blanks], device=device)
-        text_loss = text_total / n_text if n_text else 0.0
-        image_loss = image_total / n_image if n_image else 0.0
-        losses = {"loss": self.weights.text * text_loss + self.weights.image * image_loss,
-                  "text_loss": text_loss, "image_loss": image_loss}
-        tokens = sum(b.real_tokens for b in batches)
-        flops = 0.0
-        if self.flops is not None:
-            images = 0 if self.embeddings is not None else sum(len(b.image_slots) + len(b.frame_slots) for b in batches)
-            flops = self.flops.step_flops(tokens, lengths, local_text, images)
-        return StepResult(losses=losses, samples=len(samples), tokens=tokens,
-                          padding=sum(b.padding_tokens for b in batches), flops=flops,
-                          extra={"text_targets": n_text, "image_targets": n_image, "micro_batches": n_micro,
-                                 "blank_micro_batches": all_blanks, "skipped_too_long": self.builder.skipped["too_long"],
-                                 "truncated": sum(self.builder.truncated.values())})
+        size = self.image_size(step)
+        micro = [self.micro_batch(b, size) for b in batches]
+        return PreparedStep(
+            micro=micro, samples=len(samples), tokens=sum(b.real_tokens for b in batches),
+            padding=sum(b.padding_tokens for b in batches), lengths=lengths,
+            images=0 if self.embeddings is not None else sum(len(b.image_slots) + len(b.frame_slots) for b in batches),
+            skipped_too_long=self.builder.skipped["too_long"] - skipped,
+            truncated=sum(self.builder.truncated.values()) - truncated, keys=[s.key for s in samples])
 
-    def _blank(self) -> Batch:
-        """A one-token batch with nothing to score: what a rank with fewer micro-batches runs."""
-        from emu.data.sequence import TokenSequence
-
-        return collate([[TokenSequence(key="<blank>", data_type="text", ids=[self.pad_id], targets=[IGNORE],
-                                       visuals=[])]], self.pad_id)
-
-    def _regressed(self, batch: Batch) -> int:
-        side_image = self.model.config.tokens_per_image(self.model.config.image_tokens_side)
-        side_frame = self.model.config.tokens_per_image(self.model.config.video_tokens_side)
-        return int(batch.image_regress.sum()) * side_image + int(batch.frame_regress.sum()) * side_frame
-
-    def _inputs(self, batch: Batch) -> dict:
-        device = self.engine.device
-        inputs = {"input_ids": batch.input_ids.to(device), "text_targets": batch.targets.to(device),
-                  "attention_mask": batch.attention_mask_for(self.model.config.lm.attn_implementation,
-                                                             self.model.project_up.weight.dtype).to(device),
-                  "position_ids": batch.position_ids.to(device),
-                  "image_regress": batch.image_regress.to(device), "frame_regress": batch.frame_regress.to(device),
-                  # Online encoding: the encoder runs in every forward, on a blank image if need be.
-                  "encode_blank": self.embeddings is None}
+    def micro_batch(self, batch: Batch, image_size: int) -> MicroBatch:
+        inputs = {"input_ids": batch.input_ids, "text_targets": batch.targets, "position_ids": batch.position_ids,
+                  "attention_mask": batch.attention_mask_for(self.attn_implementation, self.mask_dtype),
+                  "image_regress": batch.image_regress, "frame_regress": batch.frame_regress}
         for kind, slots in (("image", batch.image_slots), ("frame", batch.frame_slots)):
             if not slots:
                 continue
             if self.embeddings is not None:
-                inputs[f"{kind}_embeds"] = self.embeddings(slots, kind).to(device)
+                inputs[f"{kind}_embeds"] = self.embeddings(slots, kind)
             else:
-                dtype = next(self.model.visual.parameters()).dtype
-                inputs["images" if kind == "image" else "frames"] = self.pixels(slots).to(device, dtype)
-        return inputs
+                inputs["images" if kind == "image" else "frames"] = self.pixels(slots, image_size)
+        regressed = (int(batch.image_regress.sum()) * self.image_tokens
+                     + int(batch.frame_regress.sum()) * self.frame_tokens)
+        return MicroBatch(inputs=inputs, text_targets=int((batch.targets != IGNORE).sum()), image_targets=regressed)
 
-    def pixels(self, slots: list[VisualSlot]) -> torch.Tensor:
-        images = [Image.open(io.BytesIO(slot.data)) for slot in slots]
-        return preprocess(images, self.model.visual.config)
+    def pixels(self, slots: list[VisualSlot], image_size: int | None = None) -> torch.Tensor:
+        """Normalised pixels of the slots' images at `image_size` (default: the encoder's)."""
+        vision = self.vision if image_size is None else dataclasses.replace(self.vision, image_size=image_size)
+        return preprocess([Image.open(io.BytesIO(slot.data)) for slot in slots], vision)
 
+    def blank(self) -> MicroBatch:
+        """A one-token batch with nothing to score: what a rank with fewer micro-batches runs."""
+        batch = collate([[TokenSequence(key="<blank>", data_type="text", ids=[self.pad_id], targets=[IGNORE],
+                                        visuals=[])]], self.pad_id)
+        return self.micro_batch(batch, self.vision.image_size)
+
+
+class LMStep:
+    """The device half of an LM step: runs a PreparedStep through the engine (module docstring)."""
+
+    def __init__(self, *, engine: Engine, batcher: LMBatcher, world: int, weights: LMWeights | None = None,
+                 flops: FlopModel | None = None):
+        self.engine, self.batcher, self.world = engine, batcher, world
+        self.weights = weights or LMWeights()
+        self.flops = flops
+        self.skipped_too_long = self.truncated = 0  # this run's totals, all ranks
+
+    def prepare(self, samples: list[Sample], step: int) -> PreparedStep:
+        return self.batcher.prepare(samples, step)
+
+    def __call__(self, prepared: PreparedStep, step: int) -> StepResult:
+        device = self.engine.device
+        local_text = sum(m.text_targets for m in prepared.micro)
+        n_text, n_image = all_reduce_sum([local_text, sum(m.image_targets for m in prepared.micro)], device=device)
+        n_micro = int(all_reduce_max([len(prepared.micro)], device=device)[0])
+        blanks = n_micro - len(prepared.micro)
+        # Logged losses stay on the device until the step's end: no sync per micro-batch.
+        text_sum = torch.zeros((), dtype=torch.float64, device=device)
+        image_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for micro in prepared.micro + [self.batcher.blank() for _ in range(blanks)]:
+            out = self.engine.engine(**self._to_device(micro), encode_blank=self.batcher.embeddings is None)
+            # Parts without targets (anywhere, or in this micro-batch) enter with weight 0: their
+            # modules still ran and must still send (zero) gradients.
+            text_scale = self.weights.text * micro.text_targets * self.world / n_text if n_text else 0.0
+            image_scale = self.weights.image * micro.image_targets * self.world / n_image if n_image else 0.0
+            self.engine.backward(out.text_loss * text_scale + out.image_loss * image_scale)
+            text_sum += out.text_loss.detach().double() * micro.text_targets
+            image_sum += out.image_loss.detach().double() * micro.image_targets
+        text_total, image_total, all_blanks, skipped, truncated = all_reduce_sum(
+            [float(text_sum), float(image_sum), blanks, prepared.skipped_too_long, prepared.truncated], device=device)
+        self.skipped_too_long += int(skipped)
+        self.truncated += int(truncated)
+        text_loss = text_total / n_text if n_text else 0.0
+        image_loss = image_total / n_image if n_image else 0.0
+        losses = {"loss": self.weights.text * text_loss + self.weights.image * image_loss,
+                  "text_loss": text_loss, "image_loss": image_loss}
+        flops = 0.0
+        if self.flops is not None:
+            flops = self.flops.step_flops(prepared.tokens, prepared.lengths, local_text, prepared.images)
+        return StepResult(losses=losses, samples=prepared.samples, tokens=prepared.tokens,
+                          padding=prepared.padding, flops=flops,
+                          extra={"text_targets": n_text, "image_targets": n_image, "micro_batches": n_micro,
+                                 "blank_micro_batches": all_blanks, "skipped_too_long": self.skipped_too_long,
+                                 "truncated": self.truncated})
+
+    def _to_device(self, micro: MicroBatch) -> dict[str, Any]:
+        """The inputs on the engine's device, pixels in the encoder's dtype (bf16 under bf16)."""
+        device = self.engine.device
+        dtype = next(self.engine.module.visual.parameters()).dtype
+        return {name: tensor.to(device, dtype, non_blocking=True) if name in ("images", "frames")
+                else tensor.to(device, non_blocking=True) for name, tensor in micro.inputs.items()}

@@ -33,7 +33,7 @@ from emu.model.vision import interpolate_positions
 from emu.train import engine as engine_mod
 from emu.train.config import DecoderTrainConfig, InstructConfig, RuntimeConfig, Stage1Config, Stage2Config
 from emu.train.data import build_mixture
-from emu.train.lm_step import LMStep, LMWeights
+from emu.train.lm_step import LMBatcher, LMStep, LMWeights
 from emu.train.metrics import flop_model, peak_flops
 from emu.train.preflight import check_visual_budget
 from emu.train.schedule import multiplier, segmented_multiplier
@@ -116,11 +116,16 @@ def _load_init(config, stage: str, init: engine_mod.PartitionedInit) -> tuple[Em
     return load_model(config.init, image_size=config.image_size, load_weights=init.load_weights)
 
 
-def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, rank, world, weights=None,
-             video_frames=None, encoder_trains=False) -> LMStep:
-    return LMStep(engine=engine, model=model, builder=SequenceBuilder(tokenizer, rules), max_len=sequence.max_len,
-                  packing=sequence.packing, micro_rows=runtime.micro_batch_size, pad_id=tokenizer.pad_token_id,
-                  seed=runtime.seed, rank=rank, world=world, weights=weights, video_frames=video_frames,
+def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, world, weights=None,
+             video_frames=None, encoder_trains=False, precomputed: str = "", image_size=None) -> LMStep:
+    """The stage's LM step: its CPU half (LMBatcher, run by the data loader) and device half."""
+    batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=sequence.max_len, packing=sequence.packing,
+                        micro_rows=runtime.micro_batch_size, pad_id=tokenizer.pad_token_id, seed=runtime.seed,
+                        vision=model.visual.config, image_tokens=rules.image_tokens, frame_tokens=rules.frame_tokens,
+                        attn_implementation=model.config.lm.attn_implementation,
+                        mask_dtype=model.project_up.weight.dtype, image_size=image_size,
+                        video_frames=video_frames, embeddings=_embedding_lookup(precomputed, model))
+    return LMStep(engine=engine, batcher=batcher, world=world, weights=weights,
                   flops=flop_model(model, encoder_trains))
 
 
@@ -155,17 +160,23 @@ def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out:
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
                           max_len=config.sequence.max_len, too_long=config.sequence.too_long)
     _preflight("stage1", config, data, rules)
-    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
-                       video_frames=config.video_frames, encoder_trains="visual" in config.trainable)
     sizes = {step: size for step, size in config.resolution_schedule}
 
-    def resolution_at(step: int) -> None:
+    def size_at(step: int) -> int:
         current = config.image_size
         for boundary, size in sorted(sizes.items()):
             if step >= boundary:
                 current = size
-        # The positions interpolate on the fly; only the preprocessing size changes here.
-        model.visual.config = dataclasses.replace(model.visual.config, image_size=current)
+        return current
+
+    def resolution_at(step: int) -> None:
+        # The positions interpolate on the fly; only the input size changes (the batcher
+        # resizes each step's images to size_at(step) itself, in the loader).
+        model.visual.config = dataclasses.replace(model.visual.config, image_size=size_at(step))
+
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, world,
+                       video_frames=config.video_frames, encoder_trains="visual" in config.trainable,
+                       image_size=size_at)
 
     summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
                       step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
@@ -207,9 +218,9 @@ def stage2(config: Stage2Config, data: list[Path], out: Path) -> StageResult:
                           max_len=config.sequence.max_len, image_text_order_p=config.image_text_order_p,
                           too_long=config.sequence.too_long)
     _preflight("stage2", config, data, rules)
-    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world,
-                       weights=LMWeights(config.text_loss_weight, config.image_loss_weight))
-    step_fn.embeddings = _embedding_lookup(config.precomputed, model)
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, world,
+                       weights=LMWeights(config.text_loss_weight, config.image_loss_weight),
+                       precomputed=config.precomputed)
     summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
                       step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
                       world=world, stage="stage2", peak_flops=peak_flops(config.runtime.peak_tflops)).run()
@@ -237,8 +248,8 @@ def instruct(config: InstructConfig, data: list[Path], out: Path) -> StageResult
                           max_len=config.sequence.max_len, system_messages=dict(config.system_messages),
                           entity_drop_p=config.entity_drop_p, too_long=config.sequence.too_long)
     _preflight(stage, config, data, rules)
-    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, rank, world)
-    step_fn.embeddings = _embedding_lookup(config.precomputed, model)
+    step_fn = _lm_step(engine, model, tokenizer, rules, config.sequence, config.runtime, world,
+                       precomputed=config.precomputed)
     summary = Trainer(engine=engine, data=build_mixture(data, config.batch_sizes, config.runtime.seed, rank, world),
                       step_fn=step_fn, out_dir=out, steps=config.steps, runtime=config.runtime, rank=rank,
                       world=world, stage=stage, peak_flops=peak_flops(config.runtime.peak_tflops)).run()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from emu.train import checkpoint as ckpt
 from emu.train.config import RuntimeConfig
 from emu.train.engine import Engine, all_reduce_sum, barrier
+from emu.train.loader import StepLoader
 from emu.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,17 @@ class Preempted(Exception):
 
 class DataSource(Protocol):
     def next_batch(self) -> list: ...
+    def advance(self, steps: int = 1) -> None: ...
     def state(self) -> dict: ...
     def restore(self, state: dict) -> None: ...
+
+
+class StepFn(Protocol):
+    """A stage's step: `prepare` turns a rank's samples into inputs (in a data loader worker,
+    emu.train.loader); calling it runs them (forward, backward) and reports."""
+
+    def prepare(self, samples: list, step: int) -> Any: ...
+    def __call__(self, prepared: Any, step: int) -> StepResult: ...
 
 
 @dataclass
@@ -49,8 +59,6 @@ class StepResult:
     flops: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
 
-
-StepFn = Callable[[list, int], StepResult]
 
 
 @dataclass
@@ -86,13 +94,15 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         began = time.perf_counter()
         last: dict[str, Any] = {}
+        batches = iter(StepLoader(self.data, self.step_fn.prepare, start, self.steps,
+                                  workers=self.runtime.loader_workers, prefetch=self.runtime.loader_prefetch))
         try:
             for step in range(start, self.steps):
                 if self._agree_to_stop():
                     self._save(step)
                     raise Preempted(f"{self.stage}: stopped by SIGTERM after {step} steps; "
                                     f"checkpoint {ckpt.tag_of(step)} written, re-run to resume")
-                last = self._train_step(step, metrics)
+                last = self._train_step(step, batches, metrics)
                 done = step + 1
                 if self.runtime.checkpoint_every and done % self.runtime.checkpoint_every == 0 and done < self.steps:
                     self._save(done)
@@ -106,13 +116,16 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def _train_step(self, step: int, metrics: MetricsLog) -> dict[str, Any]:
+    def _train_step(self, step: int, batches: Iterator[tuple[int, Any]], metrics: MetricsLog) -> dict[str, Any]:
         if self.on_step_start is not None:
             self.on_step_start(step)
         began = time.perf_counter()
-        batch = self.data.next_batch()
+        prepared_step, prepared = next(batches)
+        waited = time.perf_counter() - began  # the training thread idle, waiting for its inputs
+        if prepared_step != step:
+            raise RuntimeError(f"{self.stage}: the data loader gave step {prepared_step} for step {step}")
         lrs = self.engine.learning_rates()
-        result = self.step_fn(batch, step)
+        result = self.step_fn(prepared, step)
         self.engine.step()
         seconds = time.perf_counter() - began
         samples, tokens, padding, flops = all_reduce_sum(
@@ -121,7 +134,7 @@ class Trainer:
                                   "grad_norm": self.engine.grad_norm, "samples_per_s": samples / seconds,
                                   "tokens_per_s": tokens / seconds,
                                   "padding_fraction": padding / max(1.0, tokens + padding),
-                                  "step_seconds": seconds, **result.extra}
+                                  "step_seconds": seconds, "loader_wait_fraction": waited / seconds, **result.extra}
         if flops and self.peak_flops:
             record["mfu"] = flops / seconds / (self.peak_flops * self.world)
         record["tflops_per_s"] = flops / seconds / 1e12

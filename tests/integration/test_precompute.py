@@ -35,7 +35,7 @@ from emu.model.vision import preprocess, resize_position_embeddings
 from emu.precompute.config import PrecomputeConfig
 from emu.precompute.job import run_precompute
 from emu.precompute.store import PrecomputedStore, embedding_lookup
-from emu.train.lm_step import LMStep
+from emu.train.lm_step import LMBatcher
 
 EMU = Path(sys.executable).parent / "emu"
 SIDES = [2, 4]  # the tiny EmuConfig: 32 px / patch 4 = an 8x8 grid; model sides 2 (images, frames)
@@ -253,19 +253,21 @@ def test_lm_loss_is_the_same_with_precomputed_and_online_embeddings(world, first
     model, tokenizer = load_model(world.model_a)
     model.eval()
     rules = SequenceRules(mode="pretrain", image_tokens=4, frame_tokens=4, max_len=256)
-    step = LMStep(engine=SimpleNamespace(device=torch.device("cpu")), model=model,
-                  builder=SequenceBuilder(tokenizer, rules), max_len=256, packing=True, micro_rows=4,
-                  pad_id=tokenizer.pad_token_id, seed=0, rank=0, world=1,
-                  video_frames=2)  # frames subsampled: slot indices are no longer shard indices
+    batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=256, packing=True, micro_rows=4,
+                        pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config, image_tokens=4,
+                        frame_tokens=4, attn_implementation=model.config.lm.attn_implementation,
+                        mask_dtype=torch.float32,
+                        video_frames=2)  # frames subsampled: slot indices are no longer shard indices
     samples = [s for folder in ("pairs", "video") for s in iter_samples(world.root / "data" / folder)]
-    batches, _ = step.batches(samples, step=0)
+    batches, _ = batcher.batches(samples, step=0)
     assert sum(len(b.image_slots) for b in batches) == 8 and sum(len(b.frame_slots) for b in batches) == 2
     lookup = embedding_lookup(first[0], model)
+    size = model.visual.config.image_size
     for batch in batches:
-        step.embeddings = None
-        online = step._inputs(batch)
-        step.embeddings = lookup
-        precomputed = step._inputs(batch)
+        batcher.embeddings = None
+        online = batcher.micro_batch(batch, size).inputs
+        batcher.embeddings = lookup
+        precomputed = batcher.micro_batch(batch, size).inputs
         assert "images" in online and "image_embeds" in precomputed and "images" not in precomputed
         with torch.no_grad():
             a, b = model(**online), model(**precomputed)
