@@ -77,18 +77,23 @@ class Batch:
         total = self.real_tokens + self.padding_tokens
         return self.padding_tokens / total if total else 0.0
 
-    def attention_mask_for(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def attention_mask_for(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The mask in the form the LM's attention takes: Hugging Face passes a 4D mask to the
         kernel as it is, and sdpa reads True = attend, while eager *adds* the mask to the scores
         (so it needs 0 / dtype-min; a bool mask there silently lets every token see every other).
-        `attn_implementation` is LMConfig.attn_implementation; dtype the LM's compute dtype."""
+        flex_attention takes no mask: given none, transformers finds the packed sequences from
+        the position ids (a new sequence wherever they do not step by one: each padding token is
+        its own) and builds the block mask itself, computing no masked-out block.
+        `attn_implementation` is the LM's; dtype its compute dtype."""
         if attn_implementation == "sdpa":
             return self.attention_mask
         if attn_implementation == "eager":
             bias = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device)
             return bias.masked_fill(~self.attention_mask, torch.finfo(dtype).min)
+        if attn_implementation == "flex_attention":
+            return None
         raise ValueError(f"no packed attention mask for attn_implementation={attn_implementation!r} "
-                         "(supported: sdpa, eager)")
+                         "(supported: sdpa, eager, flex_attention)")
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on `device`."""

@@ -142,8 +142,10 @@ class LMBatcher:
 
     def micro_batch(self, batch: Batch, image_size: int) -> MicroBatch:
         inputs = {"input_ids": batch.input_ids, "text_targets": batch.targets, "position_ids": batch.position_ids,
-                  "attention_mask": batch.attention_mask_for(self.attn_implementation, self.mask_dtype),
                   "image_regress": batch.image_regress, "frame_regress": batch.frame_regress}
+        mask = batch.attention_mask_for(self.attn_implementation, self.mask_dtype)
+        if mask is not None:  # none for flex_attention: the position ids carry the packing
+            inputs["attention_mask"] = mask
         for kind, slots in (("image", batch.image_slots), ("frame", batch.frame_slots)):
             if not slots:
                 continue

@@ -77,6 +77,16 @@ def _group(name: str, modules: list, lr: float) -> dict[str, Any]:
     return {"name": name, "lr": lr, "params": [p for m in modules if m is not None for p in m.parameters()]}
 
 
+def _set_attention(model: EmuModel, runtime: RuntimeConfig) -> str:
+    """The LM's attention over packed rows for this run (RuntimeConfig.attention); returns it."""
+    attention = runtime.attention
+    if attention == "auto":
+        attention = "flex_attention" if torch.cuda.is_available() else "sdpa"
+    if attention != model.lm.config._attn_implementation:
+        model.lm.set_attn_implementation(attention)
+    return attention
+
+
 def _enable_checkpointing(model: EmuModel, runtime: RuntimeConfig) -> None:
     if runtime.gradient_checkpointing:
         model.lm.activation_checkpointing_enable()
@@ -122,7 +132,7 @@ def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, 
     batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=sequence.max_len, packing=sequence.packing,
                         micro_rows=runtime.micro_batch_size, pad_id=tokenizer.pad_token_id, seed=runtime.seed,
                         vision=model.visual.config, image_tokens=rules.image_tokens, frame_tokens=rules.frame_tokens,
-                        attn_implementation=model.config.lm.attn_implementation,
+                        attn_implementation=_set_attention(model, runtime),
                         mask_dtype=model.project_up.weight.dtype, image_size=image_size,
                         video_frames=video_frames, embeddings=_embedding_lookup(precomputed, model))
     return LMStep(engine=engine, batcher=batcher, world=world, weights=weights,

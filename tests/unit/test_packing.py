@@ -168,8 +168,9 @@ def test_attention_mask_for_each_attention_implementation():
     assert bias.dtype == torch.bfloat16 and bias.shape == (1, 1, 4, 4)
     assert torch.equal(bias == 0, batch.attention_mask)
     assert (bias[~batch.attention_mask] == torch.finfo(torch.bfloat16).min).all()
-    with pytest.raises(ValueError, match="supported: sdpa, eager"):
-        batch.attention_mask_for("flex_attention")
+    assert batch.attention_mask_for("flex_attention") is None  # the position ids carry the packing
+    with pytest.raises(ValueError, match="supported: sdpa, eager, flex_attention"):
+        batch.attention_mask_for("flash_attention_2")
 
 
 def test_batch_visual_slots_follow_their_blocks_in_row_major_order(tok, sequences):
@@ -251,3 +252,27 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tok, sequences, model, e
                      "attention_mask": None, "position_ids": None})
     masked = model(**model_inputs(collate([[one]], tok.pad_token_id), embeddings, model))
     assert_close(alone.loss, masked.loss)
+
+
+@torch.no_grad()
+def test_flex_attention_without_a_dense_mask_equals_the_dense_reference(tok, sequences, embeddings):
+    """The packed path for CUDA (runtime.attention=flex_attention): no (rows, 1, L, L) mask, the
+    block mask derived from the restarting position ids. Forward only: FlexAttention has no
+    backward on CPU. Image blocks and padding rows included."""
+    torch.manual_seed(0)
+    dense = EmuModel.build(EmuConfig(lm=LMConfig(attn_implementation="sdpa")), tok).eval()
+    flex = EmuModel.build(EmuConfig(lm=LMConfig(attn_implementation="sdpa")), tok).eval()
+    flex.load_state_dict(dense.state_dict())
+    flex.lm.set_attn_implementation("flex_attention")
+    batch = collate(pack(sequences, MAX_LEN), tok.pad_token_id)
+    inputs = model_inputs(batch, embeddings, dense)
+    assert batch.padding_tokens > 0 and batch.image_slots
+    reference = dense.hidden_states(batch.input_ids, inputs["image_embeds"], inputs["frame_embeds"],
+                                    inputs["attention_mask"], batch.position_ids)
+    varlen = flex.hidden_states(batch.input_ids, inputs["image_embeds"], inputs["frame_embeds"],
+                                batch.attention_mask_for("flex_attention"), batch.position_ids)
+    assert_close(varlen, reference, atol=1e-5, rtol=1e-4)
+    packed = flex(**{**inputs, "attention_mask": None})
+    plain = dense(**model_inputs(unpacked(sequences, tok.pad_token_id), embeddings, dense))
+    assert_close(packed.text_loss, plain.text_loss)
+    assert_close(packed.image_loss, plain.image_loss)
