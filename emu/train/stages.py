@@ -80,8 +80,9 @@ def _group(name: str, modules: list, lr: float) -> dict[str, Any]:
 def _set_attention(model: EmuModel, runtime: RuntimeConfig) -> str:
     """The LM's attention over packed rows for this run (RuntimeConfig.attention); returns it."""
     attention = runtime.attention
-    if attention == "auto":
-        attention = "flex_attention" if torch.cuda.is_available() else "sdpa"
+    if attention == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError("runtime.attention=flex_attention needs a CUDA device (FlexAttention has no backward on "
+                          "CPU); use sdpa")
     if attention != model.lm.config._attn_implementation:
         model.lm.set_attn_implementation(attention)
     return attention
