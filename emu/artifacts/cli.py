@@ -6,7 +6,7 @@
     emu artifacts md5 PATH                  DVC's md5 of a file or folder (what `dvc add` records)
     emu artifacts exists MD5                exit 0 when the remote holds it, 1 when not
 
-The remote is `--remote`, else $EMU_DVC_REMOTE, else `<EMU_HOME or ~/.emu>/dvc-remote`; S3 remotes
+The remote is `--remote`, else $EMU_DVC_REMOTE, else `$EMU_HOME/dvc-remote`; S3 remotes
 take their endpoint and credentials from the AWS_* variables. Registered in emu/cli.py.
 """
 
@@ -25,7 +25,7 @@ artifacts_app = typer.Typer(
 
 RemoteOption = Annotated[Optional[str], typer.Option(
     "--remote", help="DVC remote: a folder or s3://bucket/prefix (default: $EMU_DVC_REMOTE, else "
-                     "<EMU_HOME or ~/.emu>/dvc-remote).")]
+                     "$EMU_HOME/dvc-remote).")]
 
 
 def _store(remote: str | None):
@@ -79,7 +79,7 @@ def pull(
     out: Annotated[Path, typer.Option(help="Empty or new folder: OUT/<stage>/<role>/ and OUT/manifest.json.")],
     remote: RemoteOption = None,
     lineage: Annotated[Optional[str], typer.Option(
-        help="Lineage database URL (default: $EMU_LINEAGE_URL, else <EMU_HOME or ~/.emu>/lineage.db).")] = None,
+        help="Lineage database URL (default: $EMU_LINEAGE_URL, else $EMU_HOME/lineage.db).")] = None,
 ) -> None:
     """Restore every artifact of a run, bit for bit, from the DVC remote (works on a fresh machine)."""
     from emu.artifacts.dvc import pull_run

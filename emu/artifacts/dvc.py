@@ -1,7 +1,7 @@
 """The DVC adapter: content-addressed artifacts in a DVC remote (DESIGN.md, "DVC versions the data
 and the artifacts"). The platform's only `dvc` import lives here.
 
-    store = ArtifactStore()                       # <EMU_HOME or ~/.emu>/dvc-remote, or $EMU_DVC_REMOTE
+    store = ArtifactStore()                       # $EMU_HOME/dvc-remote, or $EMU_DVC_REMOTE
     ref = store.push("outputs/stage1/model")      # ArtifactRef(md5='3f…e1.dir', size, uri, nfiles)
     store.pull(ref.md5, "restored/model")         # the same bytes, on any machine
 
@@ -24,7 +24,7 @@ How it is stored
     straight from the source folder to the remote, without a local copy.
 
 Where DVC's state lives
-    In a private workdir (`<EMU_HOME or ~/.emu>/dvc-state` unless given): a DVC repository without
+    In a private workdir (`$EMU_HOME/dvc-state` unless given): a DVC repository without
     SCM holding the fetch cache (`.dvc/cache`, filled by pulls only: pushes go straight from the
     source to the remote) and DVC's hash/state database (`site/`, unless $DVC_SITE_CACHE_DIR
     says otherwise; DVC gives that variable precedence). Nothing is written into the folders being
@@ -98,17 +98,19 @@ class ArtifactNotFoundError(SourceError):
 
 
 def emu_home() -> Path:
-    """`$EMU_HOME`, else `~/.emu` (read at call time)."""
-    return Path(os.environ.get("EMU_HOME") or "~/.emu").expanduser()
+    """`$EMU_HOME`, else the platform's one default (emu.home; read at call time)."""
+    from emu.home import emu_home as home
+
+    return home()
 
 
 def default_remote() -> str:
-    """`$EMU_DVC_REMOTE` (a folder or s3://bucket/prefix), else `<EMU_HOME or ~/.emu>/dvc-remote`."""
+    """`$EMU_DVC_REMOTE` (a folder or s3://bucket/prefix), else `$EMU_HOME/dvc-remote`."""
     return os.environ.get("EMU_DVC_REMOTE") or str(emu_home() / "dvc-remote")
 
 
 def default_workdir() -> Path:
-    """`<EMU_HOME or ~/.emu>/dvc-state`: the private DVC repository and cache."""
+    """`$EMU_HOME/dvc-state`: the private DVC repository and cache."""
     return emu_home() / "dvc-state"
 
 

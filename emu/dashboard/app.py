@@ -230,11 +230,16 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         sent = str(form.get("csrf_token", ""))
         if not _same_token(sent, request.state.session.csrf):
             return page(request, "login.html", 403, next=target, error="CSRF token missing or wrong: reload the page")
+        # Failed logins are audited under the name tried (who tried to log in as whom is what a
+        # reader of the audit log looks for); the password never is.
         if throttle.blocked(name):
+            audit(name[:255] or "-", "auth.login", None, request, {"username": name}, "denied: too many failed logins")
             return page(request, "login.html", 429, next=target, error="too many failed logins; try again later")
         if not await run_in_threadpool(verify_password, password, config.users.get(name)):
             throttle.failed(name)
             log.warning("failed dashboard login for %r from %s", name, request.client.host if request.client else "?")
+            audit(name[:255] or "-", "auth.login", None, request, {"username": name},
+                  "denied: wrong user name or password")
             return page(request, "login.html", 401, next=target, error="wrong user name or password")
         throttle.succeeded(name)
         signer.revoke(request.state.session)  # a new session id and CSRF token at privilege change
@@ -293,6 +298,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
                     row=views.run_row(store, run), graph=views.stage_graph(executions, run.status),
                     executions=executions, curves=views.curves(store, executions),
                     evaluation=views.evaluation_table(store, executions, previous),
+                    gate=views.gate(store, run, executions), promotion=views.promotion(store, run, executions),
                     report=views.report(store, run, executions), config=views.config_diff(run, previous),
                     artifacts=views.artifacts(store, run, executions), log=log_tail(run.id),
                     duration=views.duration_text)
@@ -322,7 +328,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         except _Denied as exc:
             return denied(request, exc)
         try:
-            version = _promote(store, run_or_404(run_id))
+            version = _promote(store, run_or_404(run_id), confirmed=fields.get("confirm") == "yes")
         except HTTPException as exc:
             audit(user, "model.promote", run_id, request, fields, f"refused: {exc.detail}")
             raise
@@ -500,19 +506,24 @@ def _started(request: Request, run_id: str, *, duplicate: bool) -> Response:
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
 
-def _promote(store: LineageStore, run) -> str:
+def _promote(store: LineageStore, run, *, confirmed: bool) -> str:
     """Make `run`'s evaluated model and decoder production (what the pipeline's gate does
-    automatically; here a person decides, and the audit log says who)."""
+    automatically; here a person decides, and the audit log says who). Only what the run page
+    offers (views.promotion), and only confirmed: the form's `confirm` box says the person means
+    it, also for a run whose gate failed."""
     if run.status != "succeeded":
         raise EmuError(f"run {run.id} is {run.status}; only a succeeded run's model can be promoted")
     executions = store.list_executions(run.id)
+    offer = views.promotion(store, run, executions)
+    if not offer["offered"]:
+        raise EmuError(f"run {run.id}: {offer['reason'].rstrip('.')}; nothing to promote")
+    if not confirmed:
+        raise EmuError("promotion not confirmed: tick the confirmation box (confirm=yes) to replace the production "
+                       "model" + (" although this run's gate failed" if offer["gate_failed"] else ""))
     rows = views.artifacts(store, run, executions)
-    model = next((r for r in rows if r["stage"] == "instruct" and r["type"] == "model"), None)
+    model = offer["model"]
     decoder = next((r for r in rows if r["stage"] == "decoder" and r["type"] == "decoder"), None)
-    evaluation = views.evaluation_of(store, executions)
-    if model is None or not evaluation:
-        raise EmuError(f"run {run.id} has no evaluated instruction-tuned model to promote")
-    metrics = {k: v for k, v in evaluation.items() if k != "gate_passed"}
+    metrics = {k: v for k, v in views.evaluation_of(store, executions).items() if k != "gate_passed"}
     return store.promote(run.id, model_md5=model["md5"], decoder_md5=decoder["md5"] if decoder else None,
                          metrics=metrics)
 

@@ -24,6 +24,7 @@ from emu.config import preset_path
 from emu.dashboard.config import DashboardConfig
 from emu.errors import ConfigError, EmuError
 from emu.lineage.store import LineageStore
+from emu.pipeline.console import strip_ansi
 from emu.pipeline.runner import ROOT, RunRequest, launch_background, parameters, run_log_path, submit
 
 log = logging.getLogger(__name__)
@@ -158,5 +159,7 @@ def log_tail(run_id: str, lines: int = 40) -> str:
         size = handle.tell()
         handle.seek(max(0, size - 64 * 1024))
         text = handle.read().decode("utf-8", errors="replace")
-    # Progress bars rewrite their line with carriage returns: keep each line's last state.
-    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+    # Progress bars rewrite their line with carriage returns: keep each line's last state. Colour
+    # codes (kfp.local's, a tool's) would show as garbage in the page: `emu run` writes its log
+    # without them, and anything else that reached the file loses them here.
+    return "\n".join(strip_ansi(line.split("\r")[-1]) for line in text.splitlines()[-lines:])

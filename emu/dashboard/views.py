@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from emu.dashboard import svg
+from emu.evaluate.gate import direction_of
 from emu.lineage.models import TERMINAL_STATUSES, Run, StageExecution
 from emu.lineage.store import LineageStore
 from emu.pipeline.runner import TASK_EDGES, TASKS
 
-__all__ = ["run_row", "stage_graph", "curves", "evaluation_of", "evaluation_table", "config_diff", "artifacts",
-           "report", "run_file", "lineage_svg", "previous_run", "flatten", "duration_text", "HEADLINE_METRICS",
-           "CURVE_GROUPS"]
+__all__ = ["run_row", "stage_graph", "curves", "evaluation_of", "evaluation_table", "gate", "promotion",
+           "config_diff", "artifacts", "report", "run_file", "lineage_svg", "previous_run", "flatten", "duration_text",
+           "HEADLINE_METRICS", "CURVE_GROUPS"]
 
 #: Evaluation metrics shown in the runs list (the gate's defaults).
 HEADLINE_METRICS = ("vqav2_accuracy", "coco_captions_cider")
@@ -143,11 +144,45 @@ def evaluation_table(store: LineageStore, executions: list[StageExecution], prev
     rows = []
     for name in names:
         value, old = current.get(name), before.get(name)
+        delta = value - old if value is not None and old is not None else None
+        # Whether the change is an improvement: lower is better for some metrics (FID).
+        better = None if not delta else (delta > 0) == (direction_of(name) == "higher")
         rows.append({"name": name, "value": value, "previous": old, "production": prod.get(name),
-                     "delta": value - old if value is not None and old is not None else None})
+                     "delta": delta, "better": better, "direction": direction_of(name)})
     return {"rows": rows, "previous": previous.id if previous else None,
             "production": f"{production.version} (run {production.run_id})" if production else None,
             "gate": current.get("gate_passed")}
+
+
+def gate(store: LineageStore, run: Run, executions: list[StageExecution]) -> dict[str, Any] | None:
+    """The promotion gate's verdict per metric (gate.json of the run's evaluation), or None."""
+    from emu.pipeline.tasks import GATE_FILE
+
+    for row in artifacts(store, run, executions):
+        if row["type"] == "metrics" and row["stage"] == "evaluate":
+            path = run_file(store, run.id, row["id"], GATE_FILE)
+            if path is not None:
+                return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def promotion(store: LineageStore, run: Run, executions: list[StageExecution]) -> dict[str, Any]:
+    """Whether the run page offers to promote the run's model, and if not, why: only a succeeded,
+    evaluated run whose model is not production already (the same md5 again would be a new
+    version of nothing). A run whose gate failed is offered with that said beside the button."""
+    if run.status != "succeeded":
+        return {"offered": False, "reason": ""}
+    evaluation = evaluation_of(store, executions)
+    model = next((r for r in artifacts(store, run, executions) if r["stage"] == "instruct" and r["type"] == "model"),
+                 None)
+    if model is None or not evaluation:
+        return {"offered": False, "reason": "This run has no evaluated instruction-tuned model to promote."}
+    production = store.production()
+    if production is not None and production.model_md5 == model["md5"]:
+        return {"offered": False, "model": model,
+                "reason": f"This run's model is the production model ({production.version})."}
+    return {"offered": True, "model": model, "reason": "", "gate_failed": evaluation.get("gate_passed") == 0.0,
+            "production": production.version if production else None}
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -263,22 +298,38 @@ def report(store: LineageStore, run: Run, executions: list[StageExecution]) -> d
 
 def lineage_svg(graph) -> str:
     """A lineage graph (emu.lineage.query.LineageGraph) as navigable SVG: datasets and other
-    artifacts link to their own lineage, executions to their run."""
+    artifacts link to their own lineage, executions to their run. An execution and the cached
+    executions that reused its work are one node (the work was done once), naming the runs that
+    reused it; their edges are drawn once."""
     nodes, edges = [], []
     runs = {r["id"] for r in graph.runs}
+    node_of: dict[int, str] = {}
+    by_work: dict[int, list[dict[str, Any]]] = {}
     for x in graph.executions:
-        cached = " (cached)" if x["cached"] else ""
-        nodes.append(svg.GraphNode(id=f"execution:{x['id']}", lines=[x["stage"], f"{x['status']}{cached}", x["run_id"]],
-                                   href=f"/runs/{x['run_id']}" if x["run_id"] in runs else None,
-                                   kind=f"execution st-{x['status']}", tooltip=x.get("error") or ""))
+        by_work.setdefault(x.get("cached_from") or x["id"], []).append(x)
+    for work, members in by_work.items():
+        x = next((m for m in members if m["id"] == work), members[0])
+        reused = sorted({m["run_id"] for m in members if m["cached"]} - {x["run_id"]})
+        status = f"{x['status']} (cached)" if x["cached"] else x["status"]
+        lines = [x["stage"], status, x["run_id"]] + ([f"reused by {len(reused)} run(s)"] if reused else [])
+        node = f"execution:{x['id']}"
+        for m in members:
+            node_of[m["id"]] = node
+        tooltip = (x.get("error") or "") + ("\nreused by " + ", ".join(reused) if reused else "")
+        nodes.append(svg.GraphNode(id=node, lines=lines, href=f"/runs/{x['run_id']}" if x["run_id"] in runs else None,
+                                   kind=f"execution st-{x['status']}", tooltip=tooltip.strip()))
     for a in graph.artifacts:
         size = "" if a["size"] is None else f" · {a['size']:,} B"
         nodes.append(svg.GraphNode(id=f"artifact:{a['id']}", lines=[f"{a['type']}: {a['name'] or '-'}",
                                                                     a["md5"][:16] + "…" + size],
                                    href=f"/lineage?target=artifact:{a['id']}", kind=f"artifact type-{a['type']}",
                                    tooltip=f"{a['md5']}\n{a['uri'] or ''}"))
+    drawn = set()
     for e in graph.edges:
-        execution, artifact = f"execution:{e['execution_id']}", f"artifact:{e['artifact_id']}"
+        execution, artifact = node_of[e["execution_id"]], f"artifact:{e['artifact_id']}"
         pair = (artifact, execution) if e["direction"] == "in" else (execution, artifact)
+        if (pair, e["role"]) in drawn:
+            continue
+        drawn.add((pair, e["role"]))
         edges.append(svg.GraphEdge(*pair, kind=e["direction"], label=e["role"] or ""))
     return svg.layered_graph(nodes, edges, id_prefix="lineage", max_chars=30)

@@ -26,9 +26,18 @@ from typing import Any, Literal
 
 from emu.errors import ConfigError
 
-__all__ = ["GateCheck", "GateConfig", "GateResult", "MetricThreshold", "check_gate", "load_gate"]
+__all__ = ["GateCheck", "GateConfig", "GateResult", "MetricThreshold", "check_gate", "compare", "direction_of",
+           "gate_lines", "gate_table", "load_gate"]
 
 Direction = Literal["higher", "lower"]
+#: Metrics whose smaller values are better, by their last name part (FID: a distance between
+#: feature distributions); every other metric here (accuracy, CIDEr, CLIP scores) is higher-better.
+LOWER_IS_BETTER = frozenset({"fid"})
+
+
+def direction_of(metric: str) -> Direction:
+    """Which way `metric` improves, from its name (emu.evaluate.report.metric_name form)."""
+    return "lower" if metric.rsplit("_", 1)[-1] in LOWER_IS_BETTER else "higher"
 
 
 @dataclass
@@ -129,6 +138,17 @@ class GateCheck:
     value: float | None
     threshold: MetricThreshold
     message: str
+    #: What the threshold is: "production v3", "chance", "" for a baseline file's number.
+    reference: str = ""
+    #: The value must lie beyond the threshold, not reach it (beating chance).
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The verdict as plain data (gate.json, the dashboard, the CLI summary)."""
+        t = self.threshold
+        return {"metric": self.metric, "passed": self.passed, "value": self.value, "reference": self.reference,
+                "threshold": t.threshold, "direction": t.direction, "tolerance": t.tolerance, "bound": t.bound,
+                "strict": self.strict, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,11 @@ class GateResult:
         head = "gate passed" if self.passed else f"gate FAILED ({len(self.reasons)} of {len(self.checks)} metrics)"
         return [head] + [("  ok    " if c.passed else "  FAIL  ") + c.message for c in self.checks]
 
+    def to_dict(self, against: str = "") -> dict[str, Any]:
+        """The verdict as plain data; `against` says what the thresholds are (gate_lines)."""
+        return {"passed": self.passed, "against": against, "reasons": list(self.reasons),
+                "checks": [c.to_dict() for c in self.checks]}
+
 
 def check_gate(metrics: Mapping[str, Any], baseline: GateConfig | Mapping[str, Any] | str | Path) -> GateResult:
     """Compare `metrics` against the baseline. `metrics` is flat `{name: number}` (the "metrics"
@@ -158,24 +183,66 @@ def check_gate(metrics: Mapping[str, Any], baseline: GateConfig | Mapping[str, A
     from emu.evaluate.report import metric_name
 
     for name, spec in baseline.metrics.items():
-        value = flat.get(metric_name(name))
-        want = f"{'>=' if spec.direction == 'higher' else '<='} {spec.bound:g}"
-        want += f" ({spec.direction} is better; threshold {spec.threshold:g}" + \
-                (f", tolerance {spec.tolerance:g})" if spec.tolerance else ")")
-        if value is None:
-            checks.append(GateCheck(name, False, None, spec, f"{name}: missing from the candidate's metrics; needs {want}"))
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            checks.append(GateCheck(name, False, None, spec, f"{name}: not a number ({value!r}); needs {want}"))
-            continue
-        value = float(value)
-        if not math.isfinite(value):
-            checks.append(GateCheck(name, False, value, spec, f"{name} = {value}: not finite; needs {want}"))
-            continue
-        ok = value >= spec.bound if spec.direction == "higher" else value <= spec.bound
-        checks.append(GateCheck(name, ok, value, spec, f"{name} = {value:g}; needs {want}"))
+        checks.append(compare(name, flat.get(metric_name(name)), spec))
     reasons = [c.message for c in checks if not c.passed]
     return GateResult(passed=not reasons, reasons=reasons, checks=checks)
+
+
+def compare(name: str, value: Any, spec: MetricThreshold, reference: str = "", strict: bool = False) -> GateCheck:
+    """One metric against its threshold. `strict`: the value must lie beyond the threshold, not
+    reach it (beating chance). `reference` names what the threshold is in the message."""
+    op = ({"higher": ">", "lower": "<"} if strict else {"higher": ">=", "lower": "<="})[spec.direction]
+    want = f"{op} {spec.bound:g} ({spec.direction} is better; {reference or 'threshold'} {spec.threshold:g}" + \
+           (f", tolerance {spec.tolerance:g})" if spec.tolerance else ")")
+    def check(passed: bool, checked: float | None, message: str) -> GateCheck:
+        return GateCheck(name, passed, checked, spec, message, reference, strict)
+
+    if value is None:
+        return check(False, None, f"{name}: missing from the candidate's metrics; needs {want}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return check(False, None, f"{name}: not a number ({value!r}); needs {want}")
+    value = float(value)
+    if not math.isfinite(value):
+        return check(False, value, f"{name} = {value}: not finite; needs {want}")
+    if strict:
+        ok = value > spec.bound if spec.direction == "higher" else value < spec.bound
+    else:
+        ok = value >= spec.bound if spec.direction == "higher" else value <= spec.bound
+    return check(ok, value, f"{name} = {value:g}; needs {want}")
+
+
+def gate_lines(gate: Mapping[str, Any]) -> list[str]:
+    """A gate verdict (GateResult-like dict: passed, against, checks) as console lines: one per
+    metric with its value, the reference value, the tolerance and the verdict."""
+    checks = gate.get("checks") or []
+    against = f" against {gate['against']}" if gate.get("against") else ""
+    lines = [f"gate {'passed' if gate.get('passed') else 'FAILED'}{against}"]
+    for c in checks:
+        value = "-" if c.get("value") is None else f"{c['value']:.4g}"
+        tolerance = f", tolerance {c['tolerance']:g}" if c.get("tolerance") else ", tolerance 0"
+        lines.append(f"  {'ok' if c['passed'] else 'FAIL':<4}  {c['metric']:<28} {value:>9}   "
+                     f"{c.get('reference') or 'threshold'} {c['threshold']:.4g}{tolerance} "
+                     f"({c['direction']} is better; needs {_op(c)} {c['bound']:.4g})")
+    if not checks:
+        lines += [f"  {reason}" for reason in gate.get("reasons", [])]
+    return lines
+
+
+def gate_table(gate: Mapping[str, Any]):
+    """The verdict per metric as a report table (Markdown, HTML, the dashboard's report.json)."""
+    from emu.evaluate.report import Table
+
+    rows = [[c["metric"], c.get("value"), c.get("reference") or "threshold", c["threshold"], c.get("tolerance", 0.0),
+             c["direction"], f"{_op(c)} {c['bound']:.4g}", "ok" if c["passed"] else "FAIL"]
+            for c in gate.get("checks") or []]
+    caption = f"{'passed' if gate.get('passed') else 'FAILED'}" + (f" against {gate['against']}" if gate.get("against") else "")
+    return Table(columns=["metric", "value", "reference", "reference value", "tolerance", "better", "needs", "verdict"],
+                 rows=rows, caption=caption)
+
+
+def _op(check: Mapping[str, Any]) -> str:
+    strict = check.get("strict", False)
+    return ({"higher": ">", "lower": "<"} if strict else {"higher": ">=", "lower": "<="})[check["direction"]]
 
 
 def _flatten(metrics: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:

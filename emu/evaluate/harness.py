@@ -47,7 +47,7 @@ from emu.data.sequence import IGNORE, SequenceBuilder, SequenceRules
 from emu.data.shards import iter_samples
 from emu.errors import ConfigError
 from emu.evaluate import cider, metrics, report, vqa
-from emu.evaluate.gate import check_gate, load_gate
+from emu.evaluate.gate import check_gate, gate_lines, gate_table, load_gate
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,9 @@ class EvalResult:
     metrics: dict[str, Any]
     out_dir: Path
     gate: dict[str, Any] | None = None
+    #: The report's sections, so a caller can add its own (the pipeline's promotion gate) and
+    #: write the reports again (write_reports).
+    sections: list[report.Section] = field(default_factory=list)
 
 
 # ---- entry points -------------------------------------------------------------------------------
@@ -127,7 +130,8 @@ def run_from_cli(*, model: str, benches: list[str], out: Path, preset: str | Non
     for line in summary_lines(result.metrics):
         print(line)
     if result.gate is not None:
-        print("gate " + ("PASSED" if result.gate["passed"] else "FAILED: " + "; ".join(result.gate["reasons"])))
+        for line in gate_lines(result.gate):
+            print(line)
         return 0 if result.gate["passed"] else 1
     return 0
 
@@ -157,16 +161,21 @@ def evaluate(config: EvaluateConfig, model_path: str, out: Path, decoder: str | 
         log.info("%s: %s", bench, {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
     payload = {"model": str(model_path), "decoder": decoder, "benches": results}
     gate = None
+    sections.insert(0, report.Section("Summary", tables=[summary_table(results)]))
     if config.baseline:
-        gate_result = check_gate(flat_metrics(results), load_gate(config.baseline))
-        gate = {"passed": gate_result.passed, "reasons": list(gate_result.reasons)}
+        gate = check_gate(flat_metrics(results), load_gate(config.baseline)).to_dict(against=f"baseline {config.baseline}")
         payload["gate"] = gate
+        sections.insert(1, report.Section("Gate", tables=[gate_table(gate)]))
     (out / "metrics.json").write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     (out / "kfp_metrics.json").write_text(json.dumps(flat_metrics(results), indent=2), encoding="utf-8")
-    sections.insert(0, report.Section("Summary", tables=[summary_table(results)]))
+    write_reports(out, sections)
+    return EvalResult(metrics=payload, out_dir=out, gate=gate, sections=sections)
+
+
+def write_reports(out: Path, sections: list[report.Section]) -> None:
+    """report.md (+ report.json) and the self-contained report.html of an evaluation folder."""
     report.write_markdown_report(out / "report.md", "Emu evaluation", sections, overwrite=True)
     report.write_html_report(out / "report.html", "Emu evaluation", sections, overwrite=True)
-    return EvalResult(metrics=payload, out_dir=out, gate=gate)
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 A Typer sub-app registered by emu/cli.py. Importing it imports only typer: SQLAlchemy and the
 store load when a command runs. The database is `--db URL` (or a SQLite file path), else env
-EMU_LINEAGE_URL, else `sqlite:///<EMU_HOME or ~/.emu>/lineage.db`.
+EMU_LINEAGE_URL, else `sqlite:///$EMU_HOME/lineage.db`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ lineage_app = typer.Typer(help="Lineage: which data, code and settings produced 
 
 DbOption = Annotated[Optional[str], typer.Option(
     "--db", help="Lineage database: SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...) or SQLite file path. "
-                 "Default: env EMU_LINEAGE_URL, else ~/.emu/lineage.db (EMU_HOME overrides ~/.emu).")]
+                 "Default: env EMU_LINEAGE_URL, else $EMU_HOME/lineage.db (EMU_HOME default: the checkout's "
+                 "outputs/emu-home, else ~/.emu).")]
 
 _FORMATS = ("text", "json", "dot")
 
@@ -38,24 +39,35 @@ def show(
     direction: Annotated[str, typer.Option(
         help="For artifacts: up (what produced it, down to the data), down (what it produced, to the "
              "metrics) or both.")] = "up",
+    full: Annotated[bool, typer.Option("--full", help="Text: the full record (every resolved config, run "
+                                                      "parameter and per-step metric) instead of the summary.")] = False,
     db: DbOption = None,
 ) -> None:
     """Show the lineage of a run or an artifact.
 
-    Lists the runs (trigger, user, git commit, image digest, preset, parameters), the stage
-    executions with their resolved configs, the artifacts (DVC md5, size, URI), the edges between
-    them and the metrics. An artifact's lineage goes up to the data by default (--direction).
+    By default a summary: the run (trigger, user, commit, data), the chain of stages from the
+    target back to the data with what each read and wrote (DVC md5s), the data shards trained
+    on, the final metrics, the evaluation and the registry. --full lists everything recorded:
+    runs with their parameters, executions with their resolved configs, artifacts (md5, size,
+    URI), edges and every metric; --format json / dot give the same graph for programs and
+    Graphviz. An artifact's lineage goes up to the data by default (--direction).
     """
-    from emu.lineage.query import DIRECTIONS, show as build
+    from emu.lineage.query import DIRECTIONS, show as build, summary
     from emu.lineage.store import LineageStore
 
     if format not in _FORMATS:
         raise LineageError(f"--format must be one of {', '.join(_FORMATS)}; got {format!r}")
     if direction not in DIRECTIONS:
         raise LineageError(f"--direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}")
+    if full and format != "text":
+        raise LineageError(f"--full is for --format text (--format {format} always holds everything)")
     with LineageStore(db) as store:
         graph = build(store, target, direction)
-    typer.echo({"text": graph.to_text, "json": graph.to_json, "dot": graph.to_dot}[format]().rstrip("\n"))
+        if format == "text":
+            text = graph.to_text() if full else summary(store, graph)
+        else:
+            text = graph.to_json() if format == "json" else graph.to_dot()
+    typer.echo(text.rstrip("\n"))
 
 
 @lineage_app.command("runs")

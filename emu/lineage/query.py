@@ -16,8 +16,8 @@ Every walk returns a `LineageGraph`. Its JSON form (`to_json`, schema version 1)
       "runs": [{"id", "pipeline", "status", "trigger", "triggered_by", "schedule_id", "preset",
                 "parameters", "git_commit", "git_dirty", "image_digest", "backend", "kfp_run_id",
                 "created_at", "started_at", "ended_at", "error"}],
-      "executions": [{"id", "run_id", "stage", "status", "cached", "host", "started_at",
-                      "ended_at", "error", "config", "config_md5"}],
+      "executions": [{"id", "run_id", "stage", "status", "cached", "cached_from", "host",
+                      "started_at", "ended_at", "error", "config", "config_md5"}],
       "artifacts": [{"id", "md5", "type", "name", "size", "uri", "uris", "created_at"}],
       "edges": [{"execution_id", "artifact_id", "direction": "in" | "out", "role"}],
       "metrics": [{"run_id", "execution_id", "name", "value", "step", "recorded_at"}]
@@ -29,7 +29,10 @@ execution, name and step. Edges hold only pairs whose two ends are in the graph.
 nodes `run:<id>`, `execution:<id>` and `artifact:<id>` (the forms `show` also accepts as targets).
 
 An artifact written by several executions (the same data prepared by many runs, a KFP cache hit
-recorded as its own execution) has all of them as producers: the graph is what was recorded.
+recorded as its own execution, `cached_from` naming the original) has all of them as producers:
+the graph is what was recorded. `summary(store, graph)` is the readable form `emu lineage show`
+prints by default: the chain of stages (a cached execution shown once, with its original), the
+data shards with their md5s, the final metrics, the trigger; `to_text` is the full record.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from emu.lineage.models import Artifact, ArtifactLocation, Edge, Metric, Run, St
 from emu.lineage.store import LineageStore
 
 __all__ = ["LineageGraph", "upstream", "downstream", "artifact_graph", "run_graph", "show", "resolve_target",
-           "run_dict", "DIRECTIONS", "GRAPH_SCHEMA_VERSION"]
+           "run_dict", "summary", "DIRECTIONS", "GRAPH_SCHEMA_VERSION"]
 
 GRAPH_SCHEMA_VERSION = 1
 #: up: what produced the target; down: what it went on to produce; both: the union.
@@ -380,8 +383,8 @@ def run_dict(r: Run) -> dict[str, Any]:
 
 def _execution_dict(x: StageExecution) -> dict[str, Any]:
     return {"id": x.id, "run_id": x.run_id, "stage": x.stage, "status": x.status, "cached": x.cached,
-            "host": x.host, "started_at": _iso(x.started_at), "ended_at": _iso(x.ended_at), "error": x.error,
-            "config": x.config, "config_md5": x.config_md5}
+            "cached_from": x.cached_from, "host": x.host, "started_at": _iso(x.started_at),
+            "ended_at": _iso(x.ended_at), "error": x.error, "config": x.config, "config_md5": x.config_md5}
 
 
 def _artifact_dict(a: Artifact, uris: list[str]) -> dict[str, Any]:
@@ -419,3 +422,163 @@ def _dot_str(text: str) -> str:
     """A DOT double-quoted string: backslashes and quotes escaped, newlines as \\n."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
+
+# ---------------------------------------------------------------------- readable summary
+
+#: Metric names that are counts or timings, not results: left out of the summary.
+_NOT_RESULTS = ("_n", "_seconds")
+
+
+def summary(store: LineageStore, graph: LineageGraph) -> str:
+    """The lineage a person reads: what the target is, who started its run and on what code, the
+    chain of stages (newest first for an artifact: model <- instruct <- stage2 ... <- prepare),
+    what each read and wrote (md5s), the data shards trained on, the final metrics and the
+    evaluation, and the registry. Per-step curves and configs are left to `to_text` / JSON."""
+    from emu.home import emu_command
+    from emu.pipeline.tasks import _chance_of
+
+    t = graph.target
+    artifacts = {a["id"]: a for a in graph.artifacts}
+    groups = _execution_groups(graph.executions)
+    finals = _final_metrics(store, [g["work"] for g in groups])
+    lines = []
+    if t["kind"] == "run":
+        lines.append(f"run {t['id']}")
+    else:
+        a = artifacts[t["id"]]
+        makers = [g for g in groups if any(e["artifact_id"] == a["id"] and e["direction"] == "out"
+                                           for e in _edges_of(graph, g))]
+        made = f", made by {makers[0]['stage']}" if makers else ", not made by a recorded stage (source data)"
+        lines.append(f"{a['type']} {a['md5']} ({_size(a['size'])}), artifact:{a['id']}{made}")
+        if a["uri"]:
+            lines.append(f"  at {a['uri']}")
+    for r in graph.runs:
+        who = f" by {r['triggered_by']}" if r["triggered_by"] else ""
+        schedule = f" (schedule {r['schedule_id']})" if r["schedule_id"] else ""
+        commit = (r["git_commit"] or "-")[:12] + (" (uncommitted changes)" if r["git_dirty"] else "")
+        source = (r["parameters"] or {}).get("source") or "synthetic shapes world"
+        lines.append(f"run {r['id']}: {r['status']}, trigger {r['trigger']}{who}{schedule}, preset {r['preset'] or '-'}, "
+                     f"commit {commit}, data {source}, created {_when(r['created_at'])}")
+        if r["error"]:
+            lines.append(f"  error: {r['error'].splitlines()[0][:300]}")
+    newest_first = t["kind"] == "artifact"
+    lines += ["", "stages" + (" (newest first: what made the target, back to the data):" if newest_first else ":")]
+    for g in sorted(groups, key=lambda g: g["started_at"] or "", reverse=newest_first):
+        losses = " ".join(f"{k} {v:.4g}" for k, v in finals.get(g["work"], {}).items()
+                          if k in ("loss", "text_loss", "image_loss"))
+        state = g["status"] + (f", reused from the cache by run {', '.join(g['reused_by'])}" if g["reused_by"] else "")
+        lines.append(f"  {g['stage']:<11} {state}  {_duration(g)}{'  ' + losses if losses else ''}  "
+                     f"(execution:{g['work']}, run {g['run_id']})")
+        if g["error"]:
+            lines.append(f"      error: {g['error'].splitlines()[0][:200]}")
+        edges = _edges_of(graph, g)
+        ins = [e for e in edges if e["direction"] == "in" and e["role"] != "shard"]
+        shards = sum(e["direction"] == "in" and e["role"] == "shard" for e in edges)
+        read = [f"{e['role'] or artifacts[e['artifact_id']]['type']} {artifacts[e['artifact_id']]['md5']}" for e in ins]
+        if shards:
+            read.append(f"{shards} shard{'s' if shards > 1 else ''}")
+        if read:
+            lines.append(f"      read  {', '.join(read)}")
+        for e in edges:
+            if e["direction"] == "out":
+                a = artifacts[e["artifact_id"]]
+                lines.append(f"      wrote {a['type']} {a['md5']} ({_size(a['size'])})")
+    # The exact shard files training stages read (role "shard", as the pipeline records them);
+    # without such records, every dataset the stages read.
+    shards = {e["artifact_id"] for e in graph.edges if e["role"] == "shard" and e["direction"] == "in"} or {
+        e["artifact_id"] for e in graph.edges if e["direction"] == "in" and artifacts[e["artifact_id"]]["type"] == "dataset"}
+    shards = sorted(shards, key=lambda i: artifacts[i]["name"] or "")
+    if shards:
+        lines += ["", f"data shards ({len(shards)}), the exact files the stages read:"]
+        width = max(len(artifacts[i]["name"] or "-") for i in shards)
+        for i in shards:
+            a = artifacts[i]
+            lines.append(f"  {a['name'] or '-':<{width}}  {a['md5']}  {_size(a['size']):>10}")
+    evaluations = [g["work"] for g in groups if g["stage"] == "evaluate"]
+    if t["kind"] == "artifact" and not evaluations:  # a model's evaluation is downstream of it
+        evaluations = _evaluations_reading(store, t["id"])
+        finals.update(_final_metrics(store, evaluations))
+    for work in evaluations:
+        values = finals.get(work)
+        if not values:
+            continue
+        lines += ["", f"evaluation (execution:{work}):"]
+        for name in sorted(values):
+            if "chance" in name or name.endswith(_NOT_RESULTS) or name == "gate_passed":
+                continue
+            chance = values.get(_chance_of(name))
+            lines.append(f"  {name:<32} {values[name]:>10.4g}" + ("" if chance is None else f"   (chance {chance:.4g})"))
+        if "gate_passed" in values:
+            lines.append(f"  promotion gate: {'passed' if values['gate_passed'] else 'FAILED'}")
+    models = {a["md5"] for a in graph.artifacts if a["type"] == "model"}
+    registered = [r for r in store.registrations() if r.model_md5 in models]
+    if registered:
+        production = store.production()
+        lines += ["", "registry:"]
+        for r in registered:
+            current = " (production)" if production is not None and production.id == r.id else ""
+            lines.append(f"  {r.version}{current}: model {r.model_md5}, registered {_when(_iso(r.registered_at))} "
+                         f"by run {r.run_id}")
+    lines += ["", f"every config, parameter and per-step metric: {emu_command()} lineage show {t['query']} --full "
+                  f"(or --format json / dot)"]
+    return "\n".join(lines)
+
+
+def _evaluations_reading(store: LineageStore, artifact_id: int) -> list[int]:
+    """The evaluate executions that read an artifact and did the work (not cached copies)."""
+    with store.session() as s:
+        return list(s.scalars(select(StageExecution.id).join(Edge, Edge.execution_id == StageExecution.id)
+                              .where(Edge.artifact_id == artifact_id, Edge.direction == "in",
+                                     StageExecution.stage == "evaluate", StageExecution.cached.is_(False))
+                              .order_by(StageExecution.id)))
+
+
+def _execution_groups(executions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per piece of work: an execution and the cached executions that reused it are
+    one stage run once (drawn and listed once), with the runs that reused it."""
+    by_work: dict[int, list[dict[str, Any]]] = {}
+    for x in executions:
+        by_work.setdefault(x["cached_from"] or x["id"], []).append(x)
+    groups = []
+    for work, members in by_work.items():
+        original = next((x for x in members if x["id"] == work), None)
+        if original is not None:
+            groups.append({**original, "work": work, "members": [x["id"] for x in members],
+                           "reused_by": sorted({x["run_id"] for x in members if x["cached"]} - {original["run_id"]})})
+        else:  # only cached copies in the graph: the work was done by an execution outside it
+            shown = members[0]
+            groups.append({**shown, "work": work, "members": [x["id"] for x in members], "reused_by": [],
+                           "status": f"cached (the work of execution:{work})", "ended_at": None})
+    return groups
+
+
+def _edges_of(graph: LineageGraph, group: dict[str, Any]) -> list[dict[str, Any]]:
+    """The group's edges, each (artifact, direction, role) once."""
+    seen, out = set(), []
+    for e in graph.edges:
+        key = (e["artifact_id"], e["direction"], e["role"])
+        if e["execution_id"] in group["members"] and key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _final_metrics(store: LineageStore, execution_ids: list[int]) -> dict[int, dict[str, float]]:
+    """Each execution's metrics without a step (final losses, evaluation results)."""
+    with store.session() as s:
+        rows = list(_in(s, select(Metric).where(Metric.step.is_(None)), Metric.execution_id, execution_ids))
+    out: dict[int, dict[str, float]] = {}
+    for m in rows:
+        out.setdefault(m.execution_id, {})[m.name] = m.value
+    return out
+
+
+def _duration(x: dict[str, Any]) -> str:
+    if not x["started_at"] or not x["ended_at"]:
+        return "-"
+    seconds = round((datetime.fromisoformat(x["ended_at"]) - datetime.fromisoformat(x["started_at"])).total_seconds())
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def _when(iso: str | None) -> str:
+    return "-" if iso is None else datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S UTC")

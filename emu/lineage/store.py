@@ -1,7 +1,7 @@
 """`LineageStore`: the small typed API over the lineage tables (emu.lineage.models).
 
 Where the database is: `LineageStore(url)`, else env `EMU_LINEAGE_URL`, else
-`sqlite:///<EMU_HOME or ~/.emu>/lineage.db` (all read when the store is made, never at import).
+`sqlite:///$EMU_HOME/lineage.db` (emu.home; all read when the store is made, never at import).
 A URL without `://` is taken as a SQLite file path. PostgreSQL is any SQLAlchemy URL such as
 `postgresql+psycopg://user:pass@host/db`; its driver is imported only when such a URL is used.
 
@@ -56,9 +56,10 @@ _PG_CREATE_LOCK = 0x656D756C696E6561
 
 
 def default_url() -> str:
-    """`sqlite:///<EMU_HOME or ~/.emu>/lineage.db` (EMU_HOME read now)."""
-    home = Path(os.environ.get("EMU_HOME") or Path.home() / ".emu").expanduser()
-    return f"sqlite:///{home / 'lineage.db'}"
+    """`sqlite:///$EMU_HOME/lineage.db` (emu.home: EMU_HOME read now, else the one default)."""
+    from emu.home import emu_home
+
+    return f"sqlite:///{emu_home() / 'lineage.db'}"
 
 
 def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
@@ -346,8 +347,15 @@ class LineageStore:
     # ------------------------------------------------------------------ registry
 
     def promote(self, run_id: str, *, model_md5: str, decoder_md5: str | None, metrics: Mapping[str, float]) -> str:
-        """Make the model (and decoder) of `run_id` the production model; returns its version."""
+        """Make the model (and decoder) of `run_id` the production model; returns its version.
+        LineageError when that model and decoder are production already: a second version of the
+        same md5s would make the registry's history say something changed."""
         with self.session(write=True) as s:
+            current = s.scalars(select(Registration).order_by(Registration.registered_at.desc(),
+                                                              Registration.id.desc()).limit(1)).first()
+            if current is not None and (current.model_md5, current.decoder_md5) == (model_md5, decoder_md5):
+                raise LineageError(f"model {model_md5} is production already as {current.version} "
+                                   f"(run {current.run_id})")
             count = s.scalar(select(func.count()).select_from(Registration)) or 0
             version = f"v{count + 1}"
             s.add(Registration(version=version, run_id=run_id, model_md5=model_md5, decoder_md5=decoder_md5,
@@ -416,6 +424,13 @@ class LineageStore:
         with self.session() as s:
             return list(s.scalars(select(ArtifactLocation.uri).where(ArtifactLocation.artifact_id == artifact_id)
                                   .order_by(ArtifactLocation.id)))
+
+    def output_artifacts(self, execution_id: int) -> list[Artifact]:
+        """The artifacts an execution wrote (its `out` edges), in id order."""
+        with self.session() as s:
+            return list(s.scalars(select(Artifact).join(Edge, Edge.artifact_id == Artifact.id)
+                                  .where(Edge.execution_id == execution_id, Edge.direction == "out")
+                                  .order_by(Artifact.id)))
 
     def link(self, execution_id: int, artifact_id: int, direction: str, role: str = "") -> None:
         """Record that an execution read (`in`) or wrote (`out`) an artifact in `role` (idempotent)."""

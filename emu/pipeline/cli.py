@@ -15,22 +15,25 @@ schedule_app = typer.Typer(help="Scheduled pipeline runs: KFP recurring runs on 
                            no_args_is_help=True)
 
 
-def _chance_of(metric: str) -> str:
-    from emu.pipeline.tasks import _chance_of as chance_of
-
-    return chance_of(metric)
+HostOption = Annotated[str, typer.Option(
+    help="KFP endpoint (e.g. http://ml-pipeline-ui.kubeflow:80): act on that cluster instead of this machine.")]
 
 
 def run(
+    ctx: typer.Context,
     preset: Annotated[str, typer.Option("--preset", "--config", help="Preset name or YAML path.")] = "tiny",
     data: Annotated[str, typer.Option(help="Shard datasets to train on: a folder, s3:// URI or DVC md5. "
                                            "Default: generate the synthetic shapes world.")] = "",
-    host: Annotated[str, typer.Option(help="KFP endpoint: submit there instead of running here.")] = "",
+    host: HostOption = "",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every line of every stage here too "
+                                                                  "(they are always in the run's log file).")] = False,
     overrides: OverridesArgument = None,
 ) -> None:
     """Run the whole pipeline: on this machine through kfp.local (default: tiny preset, synthetic
-    data), or on a KFP cluster with --host. Prints each stage's progress and, at the end, the run
-    id, where the artifacts are, and the evaluation table. Exit 1 when the run failed."""
+    data), or on a KFP cluster with --host. Prints a line when each stage starts and ends, the
+    training stages' progress and, at the end, the run id, where its log and artifacts are, the
+    evaluation and the gate's verdict. Everything the stages print goes to the run's log file
+    ($EMU_HOME/logs/RUN_ID.log). Exit 1 when the run failed."""
     from emu.pipeline.runner import RunRequest, run_local, submit
 
     import os
@@ -41,36 +44,9 @@ def run(
         run_id = submit(request)
         typer.echo(f"submitted to {host}: KFP run {run_id}")
         return
-    outcome = run_local(request, on_event=lambda line: typer.echo(line, err=True))
-    for line in outcome_lines(outcome):
-        typer.echo(line)
+    verbose = verbose or bool(ctx.find_root().params.get("verbose"))
+    outcome = run_local(request, verbose=verbose)
     raise typer.Exit(0 if outcome.status == "succeeded" else 1)
-
-
-def outcome_lines(outcome) -> list[str]:
-    lines = [f"run {outcome.run_id}: {outcome.status.upper()}"]
-    for task in outcome.tasks:
-        seconds = "" if task["seconds"] is None else f"{task['seconds']:.1f} s"
-        state = "cached (reused)" if task["cached"] else task["status"]
-        lines.append(f"  {task['stage']:<11} {state:<16} {seconds}")
-        if task["error"]:
-            lines.append(f"      error: {task['error'].splitlines()[0][:200]}")
-    if outcome.error and not any(t["error"] for t in outcome.tasks):
-        lines.append(f"  error: {outcome.error.splitlines()[0][:300]}")
-    lines.append(f"artifacts: {outcome.artifacts_dir} (restore anywhere: emu artifacts pull {outcome.run_id} --out DIR)")
-    lines.append(f"lineage: emu lineage show {outcome.run_id}")
-    if outcome.evaluation:
-        lines.append("evaluation:")
-        names = sorted(n for n in outcome.evaluation if not n.endswith("_seconds"))
-        for name in names:
-            if "chance" in name or name.endswith("_n") or name == "gate_passed":
-                continue
-            chance = outcome.evaluation.get(_chance_of(name))
-            beside = "" if chance is None else f"   (chance {chance:.3f})"
-            lines.append(f"  {name:<32} {outcome.evaluation[name]:>9.3f}{beside}")
-        if "gate_passed" in outcome.evaluation:
-            lines.append(f"  gate: {'passed' if outcome.evaluation['gate_passed'] else 'failed'}")
-    return lines
 
 
 def compile_(
@@ -87,9 +63,11 @@ def compile_(
 def schedule_create(
     cron: Annotated[str, typer.Option(help="Cron expression: 5 fields, or 6 with seconds first (KFP's form).")],
     name: Annotated[str, typer.Option(help="Schedule name (unique).")] = "",
-    preset: Annotated[str, typer.Option("--preset", "--config")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", "--config", help="Preset name or YAML path each run uses "
+                                                                     "(as `emu run --preset`).")] = "tiny",
     data: Annotated[str, typer.Option(help="Training data (as `emu run --data`).")] = "",
-    host: Annotated[str, typer.Option(help="KFP endpoint: create a KFP recurring run there.")] = "",
+    host: Annotated[str, typer.Option(help="KFP endpoint: create a KFP recurring run there instead of a local "
+                                           "schedule.")] = "",
     overrides: OverridesArgument = None,
 ) -> None:
     """Create a schedule: a KFP recurring run (6-field cron, max concurrency 1, no catch-up) with
@@ -116,20 +94,27 @@ def _set(target: str, paused: bool, host: str) -> None:
     typer.echo(set_paused(target, paused, host))
 
 
+ScheduleArgument = Annotated[str, typer.Argument(
+    help="The schedule: its id or name as `emu schedule list` shows them (a KFP recurring run id with --host).",
+    show_default=False)]
+ScheduleHostOption = Annotated[str, typer.Option(
+    help="KFP endpoint whose recurring run this is; without it, a local schedule (`emu scheduler`).")]
+
+
 @schedule_app.command("pause")
-def schedule_pause(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+def schedule_pause(schedule: ScheduleArgument, host: ScheduleHostOption = "") -> None:
     """Pause a schedule (no runs start until it is resumed; missed times are not caught up)."""
     _set(schedule, True, host)
 
 
 @schedule_app.command("resume")
-def schedule_resume(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+def schedule_resume(schedule: ScheduleArgument, host: ScheduleHostOption = "") -> None:
     """Resume a paused schedule from the next fire time after now."""
     _set(schedule, False, host)
 
 
 @schedule_app.command("delete")
-def schedule_delete(schedule: str, host: Annotated[str, typer.Option()] = "") -> None:
+def schedule_delete(schedule: ScheduleArgument, host: ScheduleHostOption = "") -> None:
     """Delete a schedule (the runs it started stay in the lineage store)."""
     from emu.pipeline.schedules import delete_schedule
 

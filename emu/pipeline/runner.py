@@ -8,9 +8,11 @@ what KFP's cache keys on: an unchanged re-run is served from the cache in second
 stage-2 setting re-runs stage 2 and what depends on it; new data or new code re-runs everything.
 
 Locally, each task runs as a subprocess of this environment (kfp.local.SubprocessRunner), under
-$EMU_HOME (default ~/.emu): kfp/ (artifacts, one folder per run), kfp-cache/ (KFP's cache),
+$EMU_HOME (emu.home: the checkout's outputs/emu-home, else ~/.emu): kfp/ (artifacts, one folder
+per run), kfp-cache/ (KFP's cache), logs/RUN_ID.log (everything the run printed),
 lineage.db (SQLite) and dvc-remote/ (content-addressed artifacts), unless EMU_LINEAGE_URL and
-EMU_DVC_REMOTE point elsewhere (PostgreSQL, S3).
+EMU_DVC_REMOTE point elsewhere (PostgreSQL, S3). The terminal shows a short console
+(emu.pipeline.console); the log file holds every line.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ CODE_PATHS = ("emu", "components", "pipelines", "configs")
 
 
 def emu_home() -> Path:
-    return Path(os.environ.get("EMU_HOME") or Path.home() / ".emu").expanduser()
+    """$EMU_HOME, else the platform's one default (emu.home)."""
+    from emu.home import emu_home as home
+
+    return home()
 
 
 @dataclass
@@ -77,6 +82,9 @@ class RunOutcome:
     evaluation: dict[str, float]
     artifacts_dir: Path | None
     error: str | None = None
+    log_path: Path | None = None          # every line the run printed
+    gate: dict[str, Any] | None = None    # the promotion gate's verdict per metric (gate.json)
+    seconds: float | None = None
 
 
 def parameters(request: RunRequest) -> dict[str, str]:
@@ -153,30 +161,17 @@ def git_state() -> tuple[str | None, bool | None]:
 
 # ---- local runs ---------------------------------------------------------------------------------
 
-class _TaskLog(logging.Handler):
-    """Collects kfp.local's task events: which tasks ran, were served from cache, failed."""
+def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> RunOutcome:
+    """Run the pipeline through kfp.local; record the run, its cached tasks and its outcome.
 
-    CACHE = re.compile(r"Task (\S+) cache hit \(key=([0-9a-f]+)\)")
-    STATUS = re.compile(r"Task '?(\S+?)'? finished with status (\w+)")
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.cached: dict[str, str] = {}
-        self.status: dict[str, str] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
-        if match := self.CACHE.search(text):
-            self.cached[match.group(1)] = match.group(2)
-        elif match := self.STATUS.search(text):
-            self.status[match.group(1)] = match.group(2)
-
-
-def run_local(request: RunRequest, on_event=None) -> RunOutcome:
-    """Run the pipeline through kfp.local; record the run, its cached tasks and its outcome."""
+    The terminal (`terminal`, default stdout) gets the run's header, one line per stage start and
+    end, progress lines of the training stages and the summary; the run's log file
+    (`run_log_path`) every line of every task; with `verbose` the terminal gets every line too.
+    """
     from kfp import local
 
     from emu.lineage.store import LineageStore
+    from emu.pipeline.console import RunConsole
     from pipelines.emu_pipeline import build_pipeline
 
     home = emu_home()
@@ -198,44 +193,56 @@ def run_local(request: RunRequest, on_event=None) -> RunOutcome:
                                image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None, backend="local",
                                status="running", run_id=request.run_id)
     os.environ["EMU_RUN_ID"] = run.id
-    if on_event:
-        on_event(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
-                 f"code {args['code_version']}")
+    log_path = run_log_path(run.id)
+
+    def cached(task: str, key: str) -> None:
+        # Recorded as it happens, so a live run page shows the stage as cached, not waiting.
+        record_cached_tasks(store, run.id, {task: key}, home / "kfp-cache")
+
     # Tasks inherit this environment; a process group this process may have joined is not theirs.
     inherited = {name: os.environ.pop(name) for name in DISTRIBUTED_ENV if name in os.environ}
-    events = _TaskLog()
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(min(level, logging.INFO))  # kfp.local reports cache hits at INFO
-    root.addHandler(events)
     started = time.perf_counter()
     error = None
-    try:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
-                   raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))
-        build_pipeline(config)(**args)
-    except Exception as exc:  # kfp.local raises for pipeline-level problems
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        root.removeHandler(events)
-        root.setLevel(level)
-        os.environ.update(inherited)
-    record_cached_tasks(store, run.id, events.cached, home / "kfp-cache")
-    executions = store.list_executions(run.id)
-    failed = [e for e in executions if e.status == "failed"]
-    if failed and error is None:
-        error = f"{failed[0].stage}: {failed[0].error}"
-    status = "failed" if error or any(s not in ("SUCCESS",) for s in events.status.values()) else "succeeded"
-    if status == "failed" and error is None:
-        error = "; ".join(f"{task} {state}" for task, state in events.status.items() if state != "SUCCESS")
-    store.update_run(run.id, status=status, error=error)
+    with RunConsole(log_path, verbose=verbose, on_cache_hit=cached, terminal=terminal) as console:
+        console.echo(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
+                     f"code {args['code_version']}")
+        console.echo(f"log: {log_path}" + ("" if verbose else " (every line of every stage; -v prints them here)"))
+        try:
+            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
+                       raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))
+            build_pipeline(config)(**args)
+        except Exception as exc:  # kfp.local raises for pipeline-level problems
+            error = f"{type(exc).__name__}: {exc}"
+            console.echo(f"error: {error}")
+        finally:
+            os.environ.update(inherited)
+        executions = store.list_executions(run.id)
+        failed = [e for e in executions if e.status == "failed"]
+        if failed and error is None:
+            error = f"{failed[0].stage}: {failed[0].error}"
+        states = console.status
+        status = "failed" if error or any(s != "SUCCESS" for s in states.values()) else "succeeded"
+        if status == "failed" and error is None:
+            error = "; ".join(f"{task} {state}" for task, state in states.items() if state != "SUCCESS")
+        store.update_run(run.id, status=status, error=error)
+        outcome = outcome_of(store, run.id, artifacts_dir=home / "kfp", seconds=time.perf_counter() - started)
+        for line in outcome_lines(outcome):
+            console.echo(line)
+    return outcome
+
+
+def outcome_of(store, run_id: str, artifacts_dir: Path | None = None, seconds: float | None = None) -> RunOutcome:
+    """A recorded run as `emu run` reports it: its stages in graph order, evaluation and gate."""
+    run = store.get_run(run_id)
+    if run is None:
+        raise EmuError(f"no run {run_id!r} in {store!r}")
     order = {stage: i for i, stage in enumerate(TASKS)}
     tasks = [{"stage": e.stage, "status": e.status, "cached": e.cached,
               "seconds": (e.ended_at - e.started_at).total_seconds() if e.ended_at and e.started_at else None,
-              "error": e.error} for e in sorted(executions, key=lambda e: order.get(e.stage, len(order)))]
-    log.info("run %s %s in %.0f s", run.id, status, time.perf_counter() - started)
-    return RunOutcome(run_id=run.id, status=status, tasks=tasks, evaluation=evaluation_of(store, run.id),
-                      artifacts_dir=home / "kfp", error=error)
+              "error": e.error} for e in sorted(store.list_executions(run_id), key=lambda e: order.get(e.stage, len(order)))]
+    return RunOutcome(run_id=run_id, status=run.status, tasks=tasks, evaluation=evaluation_of(store, run_id),
+                      artifacts_dir=artifacts_dir, error=run.error, log_path=run_log_path(run_id),
+                      gate=gate_of(store, run_id), seconds=seconds)
 
 
 def launch_background(run_id: str, preset: str, data: str = "", overrides: list[str] = (),
@@ -287,6 +294,60 @@ def record_cached_tasks(store, run_id: str, cached: dict[str, str], cache_root: 
 def _stage_of(task: str) -> str:
     """kfp.local names tasks after their component (`stage1`, `stage2`...)."""
     return task.split("-")[0] if task.split("-")[0] in TASKS else task
+
+
+def gate_of(store, run_id: str) -> dict[str, Any] | None:
+    """The promotion gate's verdict of the run's evaluation (gate.json in its evaluation
+    artifact; the original's when evaluate was served from the cache), or None."""
+    from emu.pipeline.tasks import GATE_FILE
+
+    for execution in store.list_executions(run_id):
+        if execution.stage != "evaluate" or execution.status != "succeeded":
+            continue
+        for artifact in store.output_artifacts(execution.cached_from or execution.id):
+            for uri in [artifact.uri, *store.artifact_uris(artifact.id)]:
+                path = Path(uri) / GATE_FILE if uri and "://" not in uri else None
+                if path is not None and path.is_file():
+                    return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def outcome_lines(outcome: RunOutcome) -> list[str]:
+    """The summary `emu run` ends with: every stage, the error, where everything is (as commands
+    that work pasted into a new shell), the evaluation and the gate's verdict per metric."""
+    from emu.evaluate.gate import gate_lines
+    from emu.home import emu_command
+    from emu.pipeline.tasks import _chance_of
+
+    took = "" if outcome.seconds is None else f" in {outcome.seconds:.0f} s"
+    lines = [f"run {outcome.run_id}: {outcome.status.upper()}{took}"]
+    for task in outcome.tasks:
+        seconds = "" if task["seconds"] is None else f"{task['seconds']:.1f} s"
+        state = "cached (reused)" if task["cached"] else task["status"]
+        lines.append(f"  {task['stage']:<11} {state:<16} {seconds}")
+        if task["error"]:
+            lines.append(f"      error: {task['error'].splitlines()[0][:200]}")
+    if outcome.error and not any(t["error"] for t in outcome.tasks):
+        lines.append(f"  error: {outcome.error.splitlines()[0][:300]}")
+    emu = emu_command()
+    if outcome.log_path is not None:
+        lines.append(f"log: {outcome.log_path}")
+    lines.append(f"artifacts: {outcome.artifacts_dir} (restore anywhere: {emu} artifacts pull {outcome.run_id} --out DIR)")
+    lines.append(f"lineage: {emu} lineage show {outcome.run_id}")
+    if outcome.evaluation:
+        lines.append("evaluation:")
+        names = sorted(n for n in outcome.evaluation if not n.endswith("_seconds"))
+        for name in names:
+            if "chance" in name or name.endswith("_n") or name == "gate_passed":
+                continue
+            chance = outcome.evaluation.get(_chance_of(name))
+            beside = "" if chance is None else f"   (chance {chance:.3f})"
+            lines.append(f"  {name:<32} {outcome.evaluation[name]:>9.3f}{beside}")
+    if outcome.gate is not None:
+        lines += gate_lines(outcome.gate)
+    elif "gate_passed" in outcome.evaluation:
+        lines.append(f"gate {'passed' if outcome.evaluation['gate_passed'] else 'FAILED'}")
+    return lines
 
 
 def evaluation_of(store, run_id: str) -> dict[str, float]:

@@ -307,10 +307,13 @@ def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str,
                   preset: str, config: str, metrics, report, summary) -> str:
     """Benchmarks, then the promotion gate: against the configured baseline file, else the current
     production model (no regression beyond the tolerance), else, with no production model yet,
-    each headline score must beat its chance level. Returns "true" when the gate passes."""
+    each headline score must beat its chance level. The verdict per metric goes to gate.json in
+    the evaluation folder and into the reports. Returns "true" when the gate passes."""
     import dataclasses
 
-    from emu.evaluate.harness import evaluate
+    from emu.evaluate.gate import gate_table
+    from emu.evaluate.harness import evaluate, write_reports
+    from emu.evaluate.report import Section
 
     cfg = dataclasses.replace(stage_config("evaluate", preset, config), data_root=str(dataset))
     with execution("evaluate", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model"),
@@ -319,42 +322,64 @@ def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str,
         result = evaluate(cfg, str(Path(model) / "model"), out, decoder=str(Path(decoder) / "decoder"))
         flat = json.loads((out / "kfp_metrics.json").read_text(encoding="utf-8"))
         pipeline = stage_config("pipeline", preset, "")
-        passed, reasons = promotion_gate(result.metrics, flat, result.gate, pipeline.gate_metrics,
-                                         pipeline.gate_tolerance)
-        run.metrics({**flat, "gate_passed": float(passed)}, metrics)
+        gate = result.gate if result.gate is not None else promotion_gate(flat, pipeline.gate_metrics,
+                                                                          pipeline.gate_tolerance)
+        (out / GATE_FILE).write_text(json.dumps(gate, indent=1), encoding="utf-8")
+        if result.gate is None:  # a baseline gate is in the harness's reports already
+            write_reports(out, [*result.sections[:1], Section("Promotion gate", tables=[gate_table(gate)]),
+                                *result.sections[1:]])
+        run.metrics({**flat, "gate_passed": float(gate["passed"])}, metrics)
         shutil.copyfile(out / "report.html", report.path)
-        Path(summary.path).write_text((out / "report.md").read_text(encoding="utf-8")
-                                      + "\n\n## Gate\n\n" + ("passed" if passed else "failed: " + "; ".join(reasons))
-                                      + "\n", encoding="utf-8")
+        Path(summary.path).write_text((out / "report.md").read_text(encoding="utf-8"), encoding="utf-8")
         run.output("evaluation", out, "metrics")
         run.stamp(report, summary)
-        metrics.metadata["gate_reasons"] = reasons
-        return "true" if passed else "false"
+        metrics.metadata["gate_reasons"] = gate["reasons"]
+        return "true" if gate["passed"] else "false"
 
 
-def promotion_gate(payload: dict, flat: dict[str, float], configured: dict | None,
-                   names: list[str], tolerance: float) -> tuple[bool, list[str]]:
-    """(passed, reasons). A gate file (evaluate.baseline) decides when given. Otherwise the
-    `names` metrics must not fall more than `tolerance` below the production model's, or, before
-    the first promotion, must each beat their chance level."""
-    if configured is not None:
-        return bool(configured["passed"]), list(configured["reasons"])
-    missing = [name for name in names if name not in flat]
-    if missing:
-        return False, [f"{name} was not measured (evaluate.benches)" for name in missing]
+#: The promotion gate's verdict per metric, in the evaluation folder (the CLI summary and the
+#: dashboard read it from there).
+GATE_FILE = "gate.json"
+
+
+def promotion_gate(flat: dict[str, float], names: list[str], tolerance: float) -> dict[str, Any]:
+    """The verdict (emu.evaluate.gate.GateResult.to_dict) on the `names` metrics: none may be
+    worse than the production model's by more than `tolerance` (in the direction each metric
+    improves), or, before the first promotion, each must beat its chance level."""
+    from emu.evaluate.gate import GateResult
+
     production = lineage().production()
+    checks = []
     if production is not None:
-        reasons = [f"{name} {flat[name]:.4f} < production {production.version} {production.metrics[name]:.4f}"
-                   for name in names if name in production.metrics and flat[name] < production.metrics[name] - tolerance]
-        return not reasons, reasons or [f"no metric below production {production.version}"]
-    reasons = []
-    for name in names:
-        chance = flat.get(_chance_of(name))
-        if chance is None:
-            reasons.append(f"{name} has no chance level to beat")
-        elif flat[name] <= chance:
-            reasons.append(f"{name} {flat[name]:.4f} is not above chance {chance:.4f}")
-    return not reasons, reasons or ["every gate metric is above chance (no production model yet)"]
+        against = f"production {production.version} (run {production.run_id})"
+        for name in names:
+            reference = production.metrics.get(name)
+            if reference is None:  # production was never measured on it: nothing to regress from
+                reference, label, strict = flat.get(_chance_of(name)), "chance", True
+            else:
+                label, strict = f"production {production.version}", False
+            checks.append(_gate_check(name, flat, reference, label, tolerance if not strict else 0.0, strict))
+    else:
+        against = "chance (no production model yet)"
+        checks = [_gate_check(name, flat, flat.get(_chance_of(name)), "chance", 0.0, True) for name in names]
+    result = GateResult(passed=all(c.passed for c in checks), reasons=[c.message for c in checks if not c.passed],
+                        checks=checks)
+    return result.to_dict(against=against)
+
+
+def _gate_check(name: str, flat: dict[str, float], reference: float | None, label: str, tolerance: float,
+                strict: bool):
+    from emu.evaluate.gate import GateCheck, MetricThreshold, compare, direction_of
+
+    """One metric's verdict against `reference` (named `label`); a metric not measured, or with
+    nothing to compare with, fails: an evaluation that did not run must not pass."""
+    spec = MetricThreshold(threshold=0.0 if reference is None else reference, direction=direction_of(name),
+                           tolerance=tolerance)
+    if name not in flat:
+        return GateCheck(name, False, None, spec, f"{name} was not measured (evaluate.benches)", label, strict)
+    if reference is None:
+        return GateCheck(name, False, flat[name], spec, f"{name} has no {label} level to compare with", label, strict)
+    return compare(name, flat[name], spec, reference=label, strict=strict)
 
 
 def _chance_of(metric: str) -> str:
@@ -372,6 +397,12 @@ def register_task(*, model_md5: str, decoder_md5: str, evaluation) -> str:
     with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")}) as run:
         values = {k: v for k, v in (evaluation.metadata or {}).items() if isinstance(v, (int, float))
                   and not isinstance(v, bool) and k != "gate_passed"}
+        production = store.production()
+        if production is not None and production.model_md5 == model_md5 and production.decoder_md5 == decoder_md5:
+            # The same model evaluated again (a re-run with new evaluation settings): it is
+            # production already; a second version of one md5 would make the registry lie.
+            log.info("model %s is production already as %s; nothing to register", model_md5, production.version)
+            return production.version
         version = store.promote(run.run_id, model_md5=model_md5, decoder_md5=decoder_md5, metrics=values)
         started = store.get_run(run.run_id)
         # The audit log names whoever started the run whose gate promoted this model.

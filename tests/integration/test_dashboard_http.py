@@ -76,7 +76,8 @@ def _record_run(store: LineageStore, folder: Path, *, loss_scale: float = 1.0, s
     artifact = store.record_artifact("e" * 31 + str(len(store.list_runs())) + ".dir", 50, str(evaluation), "metrics",
                                      "evaluation")
     store.link(execution, artifact, "out", "evaluation")
-    store.record_metrics(run.id, execution, {"vqav2_accuracy": 50.0 * loss_scale, "vqav2_chance": 33.3})
+    store.record_metrics(run.id, execution, {"vqav2_accuracy": 50.0 * loss_scale, "vqav2_chance": 33.3,
+                                             "autoencode_fid": 100.0 * loss_scale})
     store.finish_execution(execution, "succeeded")
     store.update_run(run.id, status="succeeded")
     return run.id
@@ -427,19 +428,67 @@ def test_schedules_create_pause_resume_delete_and_audit(setup):
     assert csrf not in requests and PASSWORD not in requests and "[redacted]" in requests
 
 
-def test_promotion_is_an_audited_write(setup):
+def test_promotion_is_an_audited_confirmed_write(setup):
     client, store = setup["client"], setup["store"]
     csrf = _login(client)
     second = setup["runs"][1]
-    assert client.post(f"/runs/{second}/promote", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+    assert 'id="promote-confirm"' in client.get(f"/runs/{second}").text
+    unconfirmed = client.post(f"/runs/{second}/promote", data={"csrf_token": csrf})
+    assert unconfirmed.status_code == 409 and "not confirmed" in unconfirmed.text and store.production() is None
+    assert client.post(f"/runs/{second}/promote", data={"csrf_token": csrf, "confirm": "yes"},
+                       follow_redirects=False).status_code == 303
     production = store.production()
     assert production.run_id == second and production.metrics["vqav2_accuracy"] == pytest.approx(45.0)
     assert store.audit_entries(action="model.promote")[0].outcome == "ok: v1"
+    # The production run is not offered again, and its md5 is never registered twice.
+    page = client.get(f"/runs/{second}").text
+    assert 'id="promote"' not in page and "This run&#39;s model is the production model (v1)." in page
+    again = client.post(f"/runs/{second}/promote", data={"csrf_token": csrf, "confirm": "yes"})
+    assert again.status_code == 409 and [r.version for r in store.registrations()] == ["v1"]
     pending = store.create_run(status="running").id
-    assert client.post(f"/runs/{pending}/promote", data={"csrf_token": csrf}).status_code == 409
-    assert client.post("/runs/run-nope/promote", data={"csrf_token": csrf}).status_code == 404
-    outcomes = {e.target: e.outcome for e in store.audit_entries(action="model.promote")}
-    assert outcomes[pending].startswith("refused:") and outcomes["run-nope"].startswith("refused: no run")
+    assert client.post(f"/runs/{pending}/promote", data={"csrf_token": csrf, "confirm": "yes"}).status_code == 409
+    assert client.post("/runs/run-nope/promote", data={"csrf_token": csrf, "confirm": "yes"}).status_code == 404
+    outcomes = [(e.target, e.outcome) for e in store.audit_entries(action="model.promote")]
+    assert (second, "refused: promotion not confirmed: tick the confirmation box (confirm=yes) to replace the "
+                    "production model") in outcomes
+    assert any(t == second and o.startswith(f"refused: run {second}: This run's model is the production model")
+               for t, o in outcomes)
+    assert dict(outcomes)[pending].startswith("refused:") and dict(outcomes)["run-nope"].startswith("refused: no run")
+
+
+def test_a_gate_failed_run_is_offered_with_its_verdict_and_a_warning(setup):
+    """The gate's verdict per metric (gate.json of the evaluation), and a promote form that says
+    the gate failed."""
+    client, store, root = setup["client"], setup["store"], setup["root"]
+    first, second = setup["runs"]
+    evaluate = next(e for e in store.list_executions(second) if e.stage == "evaluate")
+    store.record_metrics(second, evaluate.id, {"gate_passed": 0.0})
+    (root / "second" / "evaluation" / "gate.json").write_text(json.dumps({
+        "passed": False, "against": "production v1 (run run-x)", "reasons": ["vqav2_accuracy ..."], "checks": [
+            {"metric": "vqav2_accuracy", "passed": False, "value": 45.0, "reference": "production v1",
+             "threshold": 50.0, "direction": "higher", "tolerance": 0.5, "bound": 49.5, "strict": False,
+             "message": "vqav2_accuracy = 45; needs >= 49.5"},
+            {"metric": "autoencode_fid", "passed": True, "value": 90.0, "reference": "production v1",
+             "threshold": 100.0, "direction": "lower", "tolerance": 0.5, "bound": 100.5, "strict": False,
+             "message": "autoencode_fid = 90; needs <= 100.5"}]}))
+    csrf = _login(client)
+    page = client.get(f"/runs/{second}").text
+    assert "against production v1 (run run-x)" in page
+    rows = re.findall(r"<tr class=\"(ok|fail)\"><td>([a-z0-9_]+)</td><td class=\"num\">([0-9.]+)</td><td>([^<]+)</td>"
+                      r"\s*<td class=\"num\">([0-9.]+)</td><td class=\"num\">([0-9.]+)</td>", page)
+    assert rows == [("fail", "vqav2_accuracy", "45.000", "production v1", "50.000", "0.500"),
+                    ("ok", "autoencode_fid", "90.000", "production v1", "100.000", "0.500")]
+    assert "&gt;= 49.500 (higher is better)" in page and "&lt;= 100.500 (lower is better)" in page
+    assert 'id="promote-warning"' in page and "although its gate failed" in page
+    assert client.post(f"/runs/{second}/promote", data={"csrf_token": csrf, "confirm": "yes"},
+                       follow_redirects=False).status_code == 303
+
+
+def test_changes_are_coloured_by_the_metrics_direction(setup):
+    """Run two has lower VQA accuracy (worse) and lower FID (better): red and green."""
+    page = setup["client"].get(f"/runs/{setup['runs'][1]}").text
+    cells = dict(re.findall(r"<tr><td>([a-z0-9_]+)</td>.*?<td class=\"num ?(up|down|)\" title", page, re.S))
+    assert cells == {"autoencode_fid": "up", "vqav2_accuracy": "down", "vqav2_chance": ""}
 
 
 def test_login_is_throttled(setup):
@@ -449,6 +498,12 @@ def test_login_is_throttled(setup):
                                            "csrf_token": _csrf(client)}).status_code == 401
     blocked = client.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(client)})
     assert blocked.status_code == 429
+    # Failed logins are in the audit log, under the name tried; the passwords are not.
+    entries = setup["store"].audit_entries(action="auth.login")
+    assert [(e.user, e.outcome) for e in reversed(entries)] == [
+        ("alice", "denied: wrong user name or password")] * 3 + [("alice", "denied: too many failed logins")]
+    assert PASSWORD not in json.dumps([e.request for e in entries]) and "wrong" not in json.dumps(
+        [e.request for e in entries])
 
 
 def test_logout_revokes_the_session(setup):

@@ -5,6 +5,7 @@ from the final model back to the data shards, a failing stage, and a schedule th
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from emu.lineage.store import LineageStore
-from emu.pipeline.runner import RunRequest, compile_pipeline, run_local
+from emu.pipeline.runner import RunRequest, compile_pipeline, outcome_of, run_local
 
 ROOT = Path(__file__).resolve().parents[2]
 EMU = Path(sys.executable).parent / "emu"
@@ -76,9 +77,60 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first(home):
+def first_console(home):
+    """The first run, as a person starts it: `emu run` in a shell (its output captured)."""
     preset = fast_preset(home)
-    return preset, run_local(RunRequest(preset=str(preset)))
+    proc = subprocess.run([str(EMU), "run", "--preset", str(preset)], capture_output=True, text=True,
+                          env=_env(home), cwd=home, timeout=1500)
+    return preset, proc
+
+
+@pytest.fixture(scope="module")
+def first(first_console):
+    preset, proc = first_console
+    run_id = re.search(r"^run (\S+): SUCCEEDED", proc.stdout, re.M)
+    assert proc.returncode == 0 and run_id, proc.stdout + proc.stderr
+    return preset, outcome_of(LineageStore(), run_id.group(1))
+
+
+def test_first_run_prints_a_short_console_and_logs_everything(first_console, first):
+    """At default verbosity a line per stage start and end, the training stages' progress and
+    the summary (kfp.local alone printed ~1,300 lines); every line of every task is in the run's
+    log file, without colour codes."""
+    _, proc = first_console
+    _, outcome = first
+    shown = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert len(shown) <= 60, "\n".join(shown)
+    assert "\x1b" not in proc.stdout + proc.stderr
+    for stage in ("prepare", "validate", "stage1", "precompute", "stage2", "decoder", "instruct", "evaluate"):
+        assert re.search(rf"^\S+  {stage} +started$", proc.stdout, re.M), stage
+        assert re.search(rf"^\S+  {stage} +succeeded in ", proc.stdout, re.M), stage
+    for stage in ("stage1", "stage2", "decoder", "instruct"):  # 3 steps: reports at 1/3 and 2/3
+        assert re.search(rf"^\S+  {stage} +step 1/3 loss \S+ .*ETA", proc.stdout, re.M), stage
+    assert re.search(r"^\S+  stage1 +succeeded in \d+ s \(step 3/3 loss ", proc.stdout, re.M)
+    assert f"log: {outcome.log_path}" in proc.stdout
+    logged = outcome.log_path.read_text(encoding="utf-8")
+    assert len(logged.splitlines()) > 10 * len(shown)
+    for expected in ("Executing task 'stage1'", '"parameterValues"', "stage1 step 3/3 loss", "imported ",
+                     "Task 'evaluate' finished with status SUCCESS", f"run {outcome.run_id}: SUCCEEDED"):
+        assert expected in logged, expected
+    assert "\x1b" not in logged
+
+
+def test_printed_commands_work_in_a_new_shell(first_console, first, home):
+    """The summary's commands, pasted as printed into a fresh shell (no EMU_HOME, no venv on
+    PATH) in the directory the run was started from, find the run."""
+    _, proc = first_console
+    _, outcome = first
+    lineage = re.search(r"^lineage: (.+)$", proc.stdout, re.M).group(1)
+    pull = re.search(r"restore anywhere: (.+)\)$", proc.stdout, re.M).group(1).replace("DIR", "restored")
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    shown = subprocess.run(["bash", "-c", lineage], capture_output=True, text=True, env=fresh, cwd=home, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"run {outcome.run_id}") and "data shards (" in shown.stdout
+    pulled = subprocess.run(["bash", "-c", pull], capture_output=True, text=True, env=fresh, cwd=home, timeout=300)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (home / "restored").is_dir() and any((home / "restored").iterdir())
 
 
 def stages(outcome, cached: bool) -> list[str]:

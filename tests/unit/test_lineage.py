@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from emu.errors import ConfigError
 from emu.lineage import LineageError
-from emu.lineage.query import downstream, resolve_target, run_graph, show, upstream
+from emu.lineage.query import downstream, resolve_target, run_graph, show, summary, upstream
 from emu.lineage.store import LineageStore, config_md5, default_url, resolve_url
 
 UTC = timezone.utc
@@ -134,6 +134,53 @@ def build_world(url: str, root: Path) -> World:
     return World(store, url, root, run, rerun, other, art, md5s, exe, configs)
 
 
+# ---------------------------------------------------------------------- readable summary
+
+
+def stage_lines(text: str) -> list[str]:
+    block = text.split("\nstages")[1].split("\n\n")[0]
+    return [line.split()[0] for line in block.splitlines()[1:] if line.startswith("  ") and not line.startswith("      ")]
+
+
+def test_summary_reads_as_the_chain_from_the_model_to_its_data(world):
+    """`emu lineage show MODEL` by default: model <- stages <- data with md5s, the run's trigger
+    and commit, the evaluation; not every config (that is --full)."""
+    graph = show(world.store, world.md5["model-chat"])
+    text = summary(world.store, graph)
+
+    assert text.splitlines()[0] == (f"model {world.md5['model-chat']} (40.0 KiB), artifact:{world.art['model-chat']}, "
+                                    f"made by instruct")
+    assert (f"run {world.run}: succeeded, trigger cli by alice, preset tiny, commit {COMMIT[:12]}, "
+            f"data synthetic shapes world, created 2025-01-10 02:00:00 UTC") in text
+    assert stage_lines(text) == ["instruct", "stage2", "precompute", "stage1", "prepare"]
+    assert f"wrote model {world.md5['model-stage2']} (39.1 KiB)" in text
+    assert f"read  init {world.md5['model-stage2']}" in text
+    for data in ("shards-cc", "shards-llava", "raw-sources"):
+        assert re.search(rf"^  {data} +{world.md5[data]} ", text, re.M), data
+    assert f"evaluation (execution:{world.exe['evaluate']}):" in text and re.search(r"vqav2_accuracy +41\.25", text)
+    assert '"lr"' not in text and len(text) < len(graph.to_text()) / 2
+    assert text.splitlines()[-1].endswith(f"lineage show {world.md5['model-chat']} --full (or --format json / dot)")
+
+
+def test_summary_and_graph_show_reused_work_once(world):
+    """A stage served from KFP's cache is the original's work: listed and drawn once, with the
+    runs that reused it (the dashboard's lineage graph drew it twice)."""
+    from emu.dashboard.views import lineage_svg
+
+    copy = world.store.record_cached_execution(world.rerun, "evaluate", world.exe["evaluate"])
+    graph = show(world.store, world.md5["model-chat"], "down")
+    assert {x["id"] for x in graph.executions} >= {world.exe["evaluate"], copy}
+
+    text = summary(world.store, graph)
+    evaluate = [line for line in text.splitlines() if line.startswith("  evaluate")]
+    assert len(evaluate) == 2  # the original (reused by the copy) and the separately recorded evaluate-2
+    assert any(f"reused from the cache by run {world.rerun}" in line and f"execution:{world.exe['evaluate']}" in line
+               for line in evaluate)
+    drawing = lineage_svg(graph)
+    assert f'data-id="execution:{copy}"' not in drawing
+    assert drawing.count(f'data-id="execution:{world.exe["evaluate"]}"') == 1 and "reused by 1 run(s)" in drawing
+
+
 # ---------------------------------------------------------------------- walks
 
 
@@ -223,8 +270,8 @@ def test_json_form_has_the_documented_schema_and_values(world):
                 "git_commit", "git_dirty", "image_digest", "backend", "kfp_run_id", "created_at", "started_at",
                 "ended_at", "error"}
     assert all(set(r) == run_keys for r in data["runs"])
-    assert all(set(x) == {"id", "run_id", "stage", "status", "cached", "host", "started_at", "ended_at", "error",
-                          "config", "config_md5"} for x in data["executions"])
+    assert all(set(x) == {"id", "run_id", "stage", "status", "cached", "cached_from", "host", "started_at",
+                          "ended_at", "error", "config", "config_md5"} for x in data["executions"])
     assert all(set(a) == {"id", "md5", "type", "name", "size", "uri", "uris", "created_at"} for a in data["artifacts"])
     assert all(set(e) == {"execution_id", "artifact_id", "direction", "role"} for e in data["edges"])
     assert all(set(m) == {"run_id", "execution_id", "name", "value", "step", "recorded_at"} for m in data["metrics"])
@@ -235,7 +282,7 @@ def test_json_form_has_the_documented_schema_and_values(world):
     assert run["created_at"] == "2025-01-10T02:00:00+00:00"
     stage1 = next(x for x in data["executions"] if x["stage"] == "stage1")
     assert stage1 == {"id": world.exe["stage1"], "run_id": world.run, "stage": "stage1", "status": "succeeded",
-                      "cached": False, "host": "node-1", "started_at": "2025-01-10T04:00:00+00:00",
+                      "cached": False, "cached_from": None, "host": "node-1", "started_at": "2025-01-10T04:00:00+00:00",
                       "ended_at": "2025-01-10T04:30:00+00:00", "error": None, "config": STAGE1_CONFIG,
                       "config_md5": config_md5(STAGE1_CONFIG)}
     cc = next(a for a in data["artifacts"] if a["id"] == world.art["shards-cc"])
@@ -571,9 +618,14 @@ def test_cli_show_and_runs(world, monkeypatch):
     assert data["target"]["id"] == world.art["model-chat"] and data["runs"][0]["git_commit"] == COMMIT
 
     monkeypatch.setenv("EMU_LINEAGE_URL", world.url)  # no --db: the environment, read at call time
-    result = runner.invoke(app, ["lineage", "show", world.md5["shards-llava"][:8], "--direction", "down"])
+    result = runner.invoke(app, ["lineage", "show", world.md5["shards-llava"][:8], "--direction", "down", "--full"])
     assert result.exit_code == 0, result.output
     assert "vqav2_accuracy = 41.25" in result.output and "(cached)" in result.output
+    summary_text = runner.invoke(app, ["lineage", "show", world.md5["shards-llava"][:8], "--direction", "down"])
+    assert summary_text.exit_code == 0 and "vqav2_accuracy" in summary_text.output
+    assert len(summary_text.output) < len(result.output) and '"steps"' not in summary_text.output
+    wrong = runner.invoke(app, ["lineage", "show", world.run, "--format", "json", "--full"])
+    assert wrong.exit_code != 0 and "--full is for --format text" in str(wrong.exception)
     result = runner.invoke(app, ["lineage", "show", world.run, "--format", "dot"])
     assert result.exit_code == 0 and result.output.startswith("digraph lineage {")
 
