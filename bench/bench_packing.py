@@ -28,7 +28,7 @@ from emu.model.emu import EmuModel
 from emu.train.config import RuntimeConfig, Stage2Config
 from emu.train.data import build_mixture
 from emu.train.engine import Engine, init_distributed, shutdown_distributed
-from emu.train.lm_step import LMStep
+from emu.train.lm_step import LMBatcher, LMStep
 
 MIXTURE = ("img2dataset", "webvid", "mmc4", "ytsb", "grit", "text")
 
@@ -38,16 +38,19 @@ def measure(model, tokenizer, data, batch_sizes, steps, max_len, micro_rows, pac
                     RuntimeConfig(micro_batch_size=micro_rows), Stage2Config().optimizer, lambda s: 1.0)
     rules = SequenceRules(mode="pretrain", image_tokens=model.config.tokens_per_image(),
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side), max_len=max_len)
-    step = LMStep(engine=engine, model=model, builder=SequenceBuilder(tokenizer, rules), max_len=max_len,
-                  packing=packing, micro_rows=micro_rows, pad_id=tokenizer.pad_token_id, seed=0, rank=0, world=1)
+    batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=max_len, packing=packing, micro_rows=micro_rows,
+                        pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config,
+                        image_tokens=rules.image_tokens, frame_tokens=rules.frame_tokens,
+                        attn_implementation=model.config.lm.attn_implementation, mask_dtype=torch.float32)
+    step = LMStep(engine=engine, batcher=batcher, world=1)
     mixture = build_mixture(data, batch_sizes, seed=0)
-    batches = [mixture.next_batch() for _ in range(steps + 1)]
+    batches = [batcher.prepare(mixture.next_batch(), i) for i in range(steps + 1)]  # inputs outside the timing
     step(batches[0], 0)  # warm-up
     engine.step()
     tokens = padding = 0
     started = time.perf_counter()
-    for i, samples in enumerate(batches[1:], start=1):
-        result = step(samples, i)
+    for i, prepared in enumerate(batches[1:], start=1):
+        result = step(prepared, i)
         engine.step()
         tokens += result.tokens
         padding += result.padding
