@@ -124,7 +124,10 @@ def _load_init(config, stage: str, init: engine_mod.PartitionedInit) -> tuple[Em
     """The previous stage's model at this stage's input size (partitioned under ZeRO-3)."""
     if not config.init:
         raise ConfigError(f"{stage}.init must name the previous stage's model (a folder or s3:// URI)")
-    return load_model(config.init, image_size=config.image_size, load_weights=init.load_weights)
+    # fp32 whatever the export's dtype (a bf16 run exports bf16): DeepSpeed casts for bf16 runs and
+    # keeps fp32 masters; an fp32 run must not silently train a bf16 LM.
+    return load_model(config.init, dtype=torch.float32, image_size=config.image_size,
+                      load_weights=init.load_weights)
 
 
 def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, world, weights=None,
@@ -137,7 +140,8 @@ def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, 
                         mask_dtype=model.project_up.weight.dtype, image_size=image_size,
                         video_frames=video_frames, embeddings=_embedding_lookup(precomputed, model))
     return LMStep(engine=engine, batcher=batcher, world=world, weights=weights,
-                  flops=flop_model(model, encoder_trains))
+                  flops=flop_model(model, encoder_trains),
+                  encode_blank=not precomputed and (encoder_trains or runtime.zero_stage == 3))
 
 
 def _preflight(stage: str, config, data: list[Path], rules: SequenceRules) -> None:

@@ -1,4 +1,5 @@
-"""The README's main job on a small world: `emu data synth` -> `emu data prepare` -> `emu validate`.
+"""The README's main job on a small world: `emu data synth` -> `emu data prepare` -> `emu validate`;
+and (marked slow: minutes) the main job itself, `emu run` on the tiny preset as scripts/main runs it.
 
 Every source the synth writes must import without a reject (the synth writes only valid data, so
 a reject is a bug in a writer or an importer) and the gate must pass; the same seed must give the
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,24 @@ def test_synth_refuses_a_folder_with_leftovers(tmp_path):
     assert sorted(p.name for p in (tmp_path / "raw").rglob("*")) == ["00007.tar", "img2dataset"]
     (tmp_path / "empty").mkdir()
     assert generate(tmp_path / "empty", SynthConfig(scale=0.01)).records["text"] > 0
+
+
+@pytest.mark.slow
+def test_the_main_job_prints_a_short_console_and_its_commands_work(tmp_path):
+    """The first `emu run` on the tiny preset (scripts/main): at most ~60 lines on the terminal
+    (kfp.local alone printed ~1,300), every line in the run's log file, and the commands the
+    summary prints work pasted into a fresh shell."""
+    emu = Path(sys.executable).with_name("emu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMU_")}
+    env["EMU_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run([str(emu), "run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shown = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert len(shown) <= 60, "\n".join(shown)
+    log = Path(re.search(r"^log: (\S+)$", proc.stdout, re.M).group(1))
+    logged = log.read_text(encoding="utf-8")
+    assert "Executing task 'instruct'" in logged and "instruct step 600/600" in logged and "\x1b" not in logged
+    lineage = re.search(r"^lineage: (.+)$", proc.stdout, re.M).group(1)
+    fresh = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    shown = subprocess.run(["bash", "-c", lineage], capture_output=True, text=True, env=fresh, cwd=tmp_path, timeout=300)
+    assert shown.returncode == 0 and "data shards (" in shown.stdout, shown.stderr
