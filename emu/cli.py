@@ -216,13 +216,16 @@ def _train(stage: str, section: str, preset: str | None, overrides: list[str], r
 @train_app.command("stage1")
 def train_stage1(data: DataOption, out: OutOption, preset: PresetOption = None, overrides: OverridesArgument = None) -> None:
     """Stage-1 pretraining on image/video-text pairs, captioning loss only (Emu2 §2.2.2). Builds the
-    model from the preset's `model` section unless stage1.init names one."""
+    model from the preset's `model` section unless stage1.init names one; `model.key=value`
+    overrides that section (e.g. model.lm.pretrained=HF_FOLDER model.vision.pretrained=EVA_FILE),
+    the other overrides the stage1 section."""
     from emu.config import resolve
     from emu.model.config import EmuConfig
     from emu.train.stages import stage1
 
-    architecture = resolve(EmuConfig, "model", preset)
-    _train("stage1", "stage1", preset, list(overrides or []), lambda c: stage1(c, architecture, data, out))
+    rest = [o for o in overrides or [] if not o.startswith("model.")]
+    architecture = resolve(EmuConfig, "model", preset, [o[len("model."):] for o in overrides or [] if o.startswith("model.")])
+    _train("stage1", "stage1", preset, rest, lambda c: stage1(c, architecture, data, out))
 
 
 @train_app.command("stage2")

@@ -156,3 +156,34 @@ def eva_reference_forward(sd: dict[str, torch.Tensor], pixels: torch.Tensor, hea
             x = x + attn(ln(x, "norm1"))
             x = x + mlp(ln(x, "norm2"))
     return x
+
+
+# ---- a tiny pretrained LM ------------------------------------------------------------------------
+
+def pretrained_llama_folder(folder: Path, texts: list[str], steps: int = 150, hidden: int = 128, layers: int = 3,
+                            seed: int = 0) -> Path:
+    """A tiny LLaMA with a LLaMA-2-style SentencePiece tokenizer, trained for `steps` steps of
+    next-token prediction on `texts` (`<s> text </s>`), saved as a Hugging Face folder (weights,
+    config, tokenizer): a stand-in for a pretrained checkpoint that already knows the language."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = sentencepiece_folder(Path(folder), texts)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    rows = [[tok.bos_token_id, *tok(t, add_special_tokens=False).input_ids, tok.eos_token_id] for t in texts]
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    lm.train()
+    for _ in range(steps):
+        batch = rng.sample(rows, 32)
+        width = max(map(len, batch))
+        ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in batch])
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in batch])
+        loss = lm(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lm.save_pretrained(folder)
+    return folder

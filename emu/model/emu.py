@@ -36,6 +36,8 @@ multi-rank rules).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +74,8 @@ class EmuOutput:
     image_targets: int   # how many visual embeddings were regressed (0: likewise)
 
 
-def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None) -> PreTrainedModel:
+def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None,
+             resizing: Callable[[], AbstractContextManager] = nullcontext) -> PreTrainedModel:
     """A LLaMA from the size settings, or any Hugging Face causal LM from `config.pretrained`
     (a folder or s3:// URI; emu.model.pretrained.load_pretrained_lm). Its embeddings then get one
     row per token of the tokenizer (`vocab_size`, Emu2 special tokens included):
@@ -85,7 +88,8 @@ def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None) -
       * new rows, input and output embeddings both, start at the mean of the existing ones
         (transformers' `mean_resizing`: the mean, plus noise of 1e-9 times their covariance),
         so the special tokens do not change what the LM predicts for text. Under ZeRO-3
-        transformers resizes the partitioned embeddings itself."""
+        transformers gathers the partitioned embeddings to resize them; `resizing()` is the
+        context it must do so in (outside deepspeed.zero.Init, PartitionedInit.unpartitioned)."""
     if config.pretrained:
         from emu.model.pretrained import load_pretrained_lm
 
@@ -95,7 +99,8 @@ def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None) -
             raise ConfigError(f"model.lm.pretrained {config.pretrained}: its tokenizer has {base_vocab} tokens but "
                               f"the LM only {rows} token embeddings; the tokenizer does not belong to this LM")
         if base_vocab is not None and base_vocab < rows:
-            lm.resize_token_embeddings(base_vocab, mean_resizing=False)  # padding rows no token uses
+            with resizing():
+                lm.resize_token_embeddings(base_vocab, mean_resizing=False)  # padding rows no token uses
         elif vocab_size < rows:
             raise ConfigError(f"model.lm.pretrained {config.pretrained}: the LM has {rows} token embeddings but the "
                               f"tokenizer {vocab_size} tokens (Emu2 special tokens included): building it would "
@@ -110,7 +115,8 @@ def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None) -
             max_position_embeddings=config.max_positions, rms_norm_eps=config.rms_norm_eps,
             rope_theta=config.rope_theta, tie_word_embeddings=False), attn_implementation=config.attn_implementation)
     if lm.get_input_embeddings().num_embeddings != vocab_size:
-        lm.resize_token_embeddings(vocab_size, mean_resizing=True)
+        with resizing():
+            lm.resize_token_embeddings(vocab_size, mean_resizing=True)
     return lm
 
 
@@ -158,21 +164,25 @@ class EmuModel(nn.Module):
         self.project_down = Projection(hidden, config.visual_dim, std)  # LM -> EVA space (regression)
 
     @classmethod
-    def build(cls, config: EmuConfig, tokenizer, load_weights=None) -> EmuModel:
+    def build(cls, config: EmuConfig, tokenizer, partitioned=None) -> EmuModel:
         """A model whose LM vocabulary is the tokenizer's (Emu2 special tokens included; build_lm),
         its LM from `model.lm.pretrained` and its encoder from `model.vision.pretrained` when they
-        are set (emu.model.pretrained), the rest freshly initialised. `load_weights(module, source,
-        resize=...)` copies the encoder's weights (default: all at once; the ZeRO-3 loader under
-        ZeRO-3, emu.train.engine.PartitionedInit.load_weights)."""
+        are set (emu.model.pretrained), the rest freshly initialised. `partitioned` is where a
+        stage builds models (emu.train.engine.PartitionedInit): its `load_weights` copies the
+        encoder's weights into ZeRO-3 partitions and its `unpartitioned()` is where the
+        vocabulary is resized; by default, weights load whole."""
         from emu.data.tokenizer import GIMG, IMAGE, base_vocab_size
 
         ids = VisualTokenIds(image=tokenizer.convert_tokens_to_ids(IMAGE), frame=tokenizer.convert_tokens_to_ids(GIMG))
         own = bool(config.lm.pretrained) and _is_own_tokenizer(tokenizer, config.lm.pretrained)
-        model = cls(config, ids, build_lm(config.lm, len(tokenizer), base_vocab_size(tokenizer) if own else None))
+        lm = build_lm(config.lm, len(tokenizer), base_vocab_size(tokenizer) if own else None,
+                      resizing=partitioned.unpartitioned if partitioned is not None else nullcontext)
+        model = cls(config, ids, lm)
         if config.vision.pretrained:
             from emu.model.pretrained import load_vision_weights
 
-            load_vision_weights(model.visual, config.vision.pretrained, load_weights)
+            load_vision_weights(model.visual, config.vision.pretrained,
+                                partitioned.load_weights if partitioned is not None else None)
         return model
 
     # ---- images to visual embeddings -------------------------------------------------------

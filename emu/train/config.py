@@ -176,8 +176,10 @@ class Stage1Config:
     trainable: list[str] = field(default_factory=lambda: ["visual", "cformer", "project_up", "lm"])
     #: Model folder or s3:// URI to start from; empty: build from the `model` section.
     init: str = ""
-    #: Tokenizer folder or s3:// URI for a model built from scratch; empty: train a byte-level BPE
-    #: of `tokenizer_vocab` tokens on the training texts (tiny and synthetic runs).
+    #: Tokenizer folder or s3:// URI for a model built from scratch; empty: the pretrained LM's
+    #: own (model.lm.pretrained), or without one a byte-level BPE of `tokenizer_vocab` tokens
+    #: trained on the training texts (tiny and synthetic runs). A tokenizer with fewer tokens
+    #: than a pretrained LM has embeddings is refused (it would shrink the LM's vocabulary).
     tokenizer: str = ""
     tokenizer_vocab: int = 1024
     sequence: SequenceConfig = field(default_factory=SequenceConfig)

@@ -12,6 +12,7 @@ shared-memory all-reduce op is disabled so gloo needs no C++ build.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -224,6 +225,24 @@ class PartitionedInit:
         # Models are built: transformers forgets ZeRO-3, so nothing built later in this process
         # (another stage, a test) is partitioned by accident.
         self._hf_config = None
+
+    @contextlib.contextmanager
+    def unpartitioned(self):
+        """Construction outside `deepspeed.zero.Init`, transformers still told about ZeRO-3: where
+        an LM's vocabulary is resized (transformers builds the new embedding as a plain tensor and
+        fills it from the gathered old one; inside zero.Init it would come out partitioned and
+        empty). DeepSpeed partitions such parameters when the engine starts."""
+        if self._zero_init is None:
+            yield
+            return
+        import deepspeed
+
+        self._zero_init.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self._zero_init = deepspeed.zero.Init(config_dict_or_path=self._config)
+            self._zero_init.__enter__()
 
     def load_weights(self, model: nn.Module, file: Path, skip_prefix: str = "lm.",
                      resize: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:

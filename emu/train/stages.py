@@ -160,9 +160,13 @@ def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out:
         if config.init:
             model, tokenizer = _load_init(config, "stage1", init)
         else:
-            tokenizer = _tokenizer_for(config, data)
+            tokenizer = _tokenizer_for(config, architecture, data)
             vision = dataclasses.replace(architecture.vision, image_size=config.image_size)
-            model = EmuModel.build(dataclasses.replace(architecture, vision=vision), tokenizer)
+            # Pretrained parts (Emu2 §2.1) when the model section names them: the LM (and its
+            # tokenizer) from model.lm.pretrained, the encoder from model.vision.pretrained,
+            # filled partition by partition under ZeRO-3 (init.load_weights), the LM's vocabulary
+            # resized outside zero.Init (init.unpartitioned).
+            model = EmuModel.build(dataclasses.replace(architecture, vision=vision), tokenizer, partitioned=init)
     _freeze(model, config.trainable)
     _enable_checkpointing(model, config.runtime)
     groups = [_group("encoder", [model.visual, model.cformer], config.lr_encoder),
@@ -202,15 +206,19 @@ def stage1(config: Stage1Config, architecture: EmuConfig, data: list[Path], out:
     return _finish("stage1", out, export, summary, rank)
 
 
-def _tokenizer_for(config: Stage1Config, data: list[Path]):
-    """The tokenizer of a model built from scratch: a given folder, or a BPE trained on the data."""
+def _tokenizer_for(config: Stage1Config, architecture: EmuConfig, data: list[Path]):
+    """The tokenizer of a model built from scratch: a given folder (stage1.tokenizer), else the
+    pretrained LM's own (model.lm.pretrained), else a BPE trained on the data."""
     from emu.data.shards import iter_samples
     from emu.data.tokenizer import load_tokenizer, train_tokenizer
     from emu.model.io import local_folder
+    from emu.model.pretrained import lm_folder
     from emu.train.data import discover
 
     if config.tokenizer:
-        return load_tokenizer(local_folder(config.tokenizer))
+        return load_tokenizer(local_folder(config.tokenizer), "stage1.tokenizer")
+    if architecture.lm.pretrained:
+        return load_tokenizer(lm_folder(architecture.lm.pretrained), "model.lm.pretrained")
     datasets = sorted({ref.path for refs in discover(data).values() for ref in refs})
     texts = (text for folder in datasets for sample in iter_samples(folder) for text in sample.texts())
     return train_tokenizer(texts, vocab_size=config.tokenizer_vocab)
