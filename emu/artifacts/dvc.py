@@ -476,7 +476,8 @@ def pull_run(run_id: str, out: str | os.PathLike[str], store: ArtifactStore,
     written at), else under the role. A recorded size that differs from the restored bytes is an
     error. The manifest is written last: a folder with a manifest is complete.
     """
-    out = Path(out).expanduser()
+    # Absolute: the store restores to absolute paths, and `--out DIR` is usually typed relative.
+    out = Path(out).expanduser().absolute()
     items = [_describe(item, i) for i, item in enumerate(artifacts)]
     if not items:
         raise SourceError(f"run {run_id} has no artifacts to pull")

@@ -416,8 +416,10 @@ def test_emu_artifacts_pull_restores_a_run_recorded_in_the_lineage_store(tmp_pat
     lineage.close()
 
     out = tmp_path / "restored"
-    proc = subprocess.run([str(EMU), "artifacts", "pull", run.id, "--out", str(out), "--remote", str(remote),
-                           "--lineage", url], capture_output=True, text=True, timeout=120)
+    # --out as a person types it, relative to the working directory (the summary of `emu run`
+    # prints `--out DIR`).
+    proc = subprocess.run([str(EMU), "artifacts", "pull", run.id, "--out", "restored", "--remote", str(remote),
+                           "--lineage", url], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     expected = {**{f"prepare/dataset/{k}": v for k, v in trees["dataset"].items()},
                 **{f"stage1/model/{k}": v for k, v in trees["model"].items()},
