@@ -59,6 +59,9 @@ class SampleProblem(Exception):
         super().__init__(f"{rule}: {message}")
         self.problem = Problem(rule, message)
 
+    def __reduce__(self):  # pickled by its two fields (a data loader worker sends it to training)
+        return SampleProblem, (self.problem.rule, self.problem.message)
+
 
 @dataclass
 class RawSample:

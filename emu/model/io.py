@@ -80,8 +80,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, image_size: i
         resize["visual.pos_embed"] = lambda stored: interpolate_positions(stored, vision.grid)
     model = EmuModel(config, VisualTokenIds(**meta["token_ids"]), lm)
     (load_weights or load_weights_whole)(model, folder / WEIGHTS_FILE, resize=resize)
-    if dtype is not None:
-        model.to(dtype)
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        model.to(dtype)  # (the LM is already loaded in it; the rest is built in fp32)
     return model, tokenizer
 
 

@@ -6,7 +6,8 @@ samples -> token sequences (emu.data.sequence, stage rules) -> packed rows (emu.
 Two halves: `LMBatcher.prepare` does everything up to CPU tensors (tokenising, packing, image
 decoding and resizing, precomputed-embedding lookups) and runs in the data loader's workers
 (emu.train.loader), off the training thread; `LMStep` moves a prepared step to the device and
-runs it. The batcher also counts targets on the host, so the step needs no device sync for them.
+runs it. The batcher counts each micro-batch's targets on the host, so weighting them needs no
+device sync (the model's forward still syncs to index its scored positions).
 
 Each micro-batch's loss is weighted by its share of the whole step's targets, summed over all
 ranks: text CE by (its text targets / all text targets), image MSE by (its regressed embeddings /
@@ -20,7 +21,7 @@ runs the largest number, the extra ones a one-token blank batch with weight 0: Z
 gradients at every backward and ZeRO-3 gathers parameters at every forward, so ranks must run
 the same number of them (DESIGN.md multi-rank rules; EmuModel calls every module in every forward).
 Random choices (image/text order, entity dropping) come from a generator per sample, seeded by
-(seed, step, sample key): a sample is written the same way whichever rank reads it.
+(seed, step, sample source and key): a sample is written the same way whichever rank reads it.
 """
 
 from __future__ import annotations
@@ -114,12 +115,13 @@ class LMBatcher:
         self.embeddings = embeddings
 
     def sequences(self, samples: list[Sample], step: int) -> list[TokenSequence]:
-        """The step's sequences; each sample's rng depends only on (seed, step, its key):
-        resumable, reproducible, and the same on any rank and world size."""
+        """The step's sequences; each sample's rng depends only on (seed, step, where the sample
+        comes from and its key; keys alone repeat across datasets): resumable, reproducible, and
+        the same on any rank and world size."""
         if self.video_frames:
             samples = [limit_frames(s, self.video_frames) for s in samples]
-        return [seq for sample in samples
-                for seq in self.builder.build(sample, random.Random(f"{self.seed}:{step}:{sample.key}"))]
+        return [seq for sample in samples for seq in self.builder.build(
+            sample, random.Random(f"{self.seed}:{step}:{sample.source}:{sample.key}"))]
 
     def batches(self, samples: list[Sample], step: int) -> tuple[list[Batch], list[int]]:
         """Micro-batches of packed (or one-per-row) sequences, and the sequence lengths."""
@@ -173,8 +175,12 @@ class LMStep:
     """The device half of an LM step: runs a PreparedStep through the engine (module docstring)."""
 
     def __init__(self, *, engine: Engine, batcher: LMBatcher, world: int, weights: LMWeights | None = None,
-                 flops: FlopModel | None = None):
+                 flops: FlopModel | None = None, encode_blank: bool = False):
         self.engine, self.batcher, self.world = engine, batcher, world
+        #: Run the encoder on a blank image in image-free micro-batches: needed when the encoder
+        #: trains (ZeRO-2 reduces its gradients per backward) or is partitioned (ZeRO-3 gathers it
+        #: per call), wasted work otherwise (module docstring).
+        self.encode_blank = encode_blank
         self.weights = weights or LMWeights()
         self.flops = flops
         self.skipped_too_long = self.truncated = 0  # this run's totals, all ranks
@@ -192,7 +198,7 @@ class LMStep:
         text_sum = torch.zeros((), dtype=torch.float64, device=device)
         image_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro in prepared.micro + [self.batcher.blank() for _ in range(blanks)]:
-            out = self.engine.engine(**self._to_device(micro), encode_blank=self.batcher.embeddings is None)
+            out = self.engine.engine(**self._to_device(micro), encode_blank=self.encode_blank)
             # Parts without targets (anywhere, or in this micro-batch) enter with weight 0: their
             # modules still ran and must still send (zero) gradients.
             text_scale = self.weights.text * micro.text_targets * self.world / n_text if n_text else 0.0

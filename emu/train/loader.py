@@ -14,6 +14,7 @@ of what was trained on, however far ahead the workers are.
 
 from __future__ import annotations
 
+import pickle
 import signal
 import traceback
 from collections.abc import Callable, Iterator
@@ -31,19 +32,23 @@ Prepare = Callable[[list, int], Any]
 
 @dataclass
 class _Failure:
-    """An exception raised in a worker, carried to the training process to be raised there."""
+    """An exception raised in a worker, carried to the training process to be raised there as
+    itself (or, if it cannot be pickled, as a RuntimeError naming its type and message)."""
 
-    kind: type
-    message: str
+    error: BaseException
     trace: str
 
-    def raise_it(self) -> None:
+    @classmethod
+    def of(cls, exc: Exception) -> _Failure:
         try:
-            exc = self.kind(self.message)
-        except TypeError:  # an exception class that takes more than a message
-            exc = RuntimeError(f"{self.kind.__name__}: {self.message}")
-        exc.add_note(f"raised in a data loader worker:\n{self.trace}")
-        raise exc
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an exception that does not survive the trip
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return cls(exc, traceback.format_exc())
+
+    def raise_it(self) -> None:
+        self.error.add_note(f"raised in a data loader worker:\n{self.trace}")
+        raise self.error
 
 
 class _Steps(IterableDataset):
@@ -60,7 +65,7 @@ class _Steps(IterableDataset):
             try:
                 yield step, self.prepare(self.data.next_batch(), step)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the training process
-                yield step, _Failure(type(exc), str(exc), traceback.format_exc())
+                yield step, _Failure.of(exc)
                 return
             self.data.advance(workers - 1)
 

@@ -59,8 +59,10 @@ def flop_model(model, encoder_trains: bool) -> FlopModel:
     """The FlopModel of an EmuModel (emu.model.emu). Sizes are read from the full parameter
     shapes: under ZeRO-3 a parameter's own tensor is this rank's shard (or empty)."""
     lm = model.lm
-    embed = numel(lm.get_input_embeddings().weight) + numel(lm.get_output_embeddings().weight)
-    lm_params = sum(numel(p) for p in lm.parameters()) - embed
+    # Embedding and output head are not in N_lm (their FLOPs are the vocabulary term); a tied
+    # pair is one parameter, counted once by parameters() and subtracted once here.
+    heads = {id(p): p for p in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)}
+    lm_params = sum(numel(p) for p in lm.parameters()) - sum(numel(p) for p in heads.values())
     vit = model.visual
     cfg = model.config.vision
     return FlopModel(lm_params=lm_params, lm_layers=lm.config.num_hidden_layers, lm_width=lm.config.hidden_size,

@@ -2,9 +2,11 @@
 checkpoints, with exact resume and preemption handling.
 
 Resume is exact: the DeepSpeed engine restores model, optimizer and LR scheduler; each rank
-restores its data position and RNG states; and every random choice of a step (image/text order,
-condition dropout, diffusion noise) comes from generators seeded by (seed, step, rank), so a
-resumed run computes what the uninterrupted one would have, bit for bit on CPU in fp32.
+restores its data position and RNG states; and every random choice of a step comes from
+generators seeded by the step (image/text order and entity dropping by (seed, step, sample),
+condition dropout and diffusion noise by (seed, step, rank)), so a resumed run computes what the
+uninterrupted one would have, bit for bit on CPU in fp32. Data loader workers may have read
+ahead; the position saved is that of the steps trained (emu.train.loader).
 
 SIGTERM (a preempted pod) does not kill the step in flight: the loop finishes it, every rank
 agrees to stop, a checkpoint is written, and `Preempted` is raised (the CLI exits 143).
