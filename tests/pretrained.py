@@ -187,3 +187,49 @@ def pretrained_llama_folder(folder: Path, texts: list[str], steps: int = 150, hi
         optimizer.step()
     lm.save_pretrained(folder)
     return folder
+
+
+# ---- an SDXL-layout diffusers folder -------------------------------------------------------------
+
+#: SDXL-base's UNet layout (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json) at toy
+#: sizes: text_time added embedding, linear projections, a 2-layer transformer at the inner level;
+#: the cross-attention reads 48-wide "text features" and the pooled text is 24 wide (SDXL: 2048 and
+#: 1280), 6 time ids x 8 (SDXL: x 256).
+SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), cross_attention_dim=48, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=24 + 6 * 8, norm_num_groups=32)
+SDXL_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                latent_channels=4, norm_num_groups=32, sample_size=32, scaling_factor=0.13025)
+#: SDXL-base's scheduler/scheduler_config.json.
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+                      interpolation_type="linear", use_karras_sigmas=False)
+
+
+def sdxl_folder(folder: Path, seed: int = 0, **unet_overrides) -> Path:
+    """A diffusers SDXL pipeline folder as save_pretrained writes it: model_index.json, unet/, vae/
+    (config.json + diffusion_pytorch_model.safetensors), scheduler/, weights random but far from
+    an init."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**SDXL_UNET, **unet_overrides})
+    vae = AutoencoderKL(**SDXL_VAE)
+    with torch.no_grad():
+        for p in [*unet.parameters(), *vae.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}), encoding="utf-8")
+    return folder
