@@ -179,7 +179,8 @@ class Engine:
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full weights on CPU for rank 0 to save; None on the other ranks. ZeRO-3 gathers one
-        module at a time onto rank 0, so no rank ever holds the whole model at once."""
+        module at a time, so no GPU holds the whole model; rank 0's host memory does hold it
+        once (the module's dtype: 74 GB for Emu2-37B in bf16)."""
         import torch.distributed as dist
 
         if self.engine.zero_optimization_partition_weights():
@@ -224,7 +225,11 @@ class PartitionedInit:
             self._zero_init = None
         # Models are built: transformers forgets ZeRO-3, so nothing built later in this process
         # (another stage, a test) is partitioned by accident.
-        self._hf_config = None
+        if self._hf_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_config = None
 
     @contextlib.contextmanager
     def unpartitioned(self):
@@ -285,20 +290,28 @@ class PartitionedInit:
             buffers = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
             if not params and not buffers:
                 continue
-            stored = {}
+            stored, problem = {}, [None]
             if rank == 0:
-                for name in [*params, *buffers]:
-                    key = f"{prefix}.{name}" if prefix else name
-                    stored[name] = resize[key](handle.get_tensor(key)) if key in resize else handle.get_tensor(key)
+                try:
+                    for name in [*params, *buffers]:
+                        key = f"{prefix}.{name}" if prefix else name
+                        stored[name] = resize[key](handle.get_tensor(key)) if key in resize else handle.get_tensor(key)
+                except Exception as exc:  # e.g. a truncated file: all ranks stop, none waits in the gather
+                    problem = [f"{file}: cannot read the weights of {prefix or 'the model'}: {exc}"]
+            dist.broadcast_object_list(problem, src=0)
+            if problem[0] is not None:
+                from emu.errors import ConfigError
+
+                raise ConfigError(problem[0])
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
                 if rank == 0:
                     for name, param in params.items():
                         param.data.copy_(stored[name])
             for name, buffer in buffers.items():  # buffers are not partitioned: every rank takes rank 0's
-                value = stored[name].to(buffer.device, buffer.dtype) if rank == 0 else torch.empty_like(buffer)
+                value = (stored[name] if rank == 0 else torch.empty_like(buffer)).to(collective_device(), buffer.dtype)
                 dist.broadcast(value, src=0)
                 with torch.no_grad():
-                    buffer.copy_(value)
+                    buffer.copy_(value.to(buffer.device))
 
 
 def _named_tensors(model: nn.Module):
