@@ -19,6 +19,7 @@ from emu.errors import EmuError
 from emu.artifacts.cli import artifacts_app
 from emu.dashboard.cli import dashboard_app
 from emu.lineage.cli import lineage_app
+from emu.model.cli import model_app
 from emu.pipeline.cli import register as register_pipeline_commands
 
 app = typer.Typer(help="Emu training platform.", no_args_is_help=True, add_completion=False,
@@ -40,6 +41,7 @@ app.add_typer(lineage_app, name="lineage")
 register_pipeline_commands(app)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(dashboard_app, name="dashboard")
+app.add_typer(model_app, name="model")
 
 DataOption = Annotated[list[Path], typer.Option("--data", help="Shard dataset folder(s); repeat for several.")]
 OutOption = Annotated[Path, typer.Option(help="Output folder (re-running on it resumes from its last checkpoint).")]

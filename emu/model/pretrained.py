@@ -103,9 +103,11 @@ class TensorSource:
     (emu.model.io.load_weights_whole, and under ZeRO-3 emu.train.engine.PartitionedInit.load_weights,
     which reads `keys()`, `get_slice(k).get_shape()` and `get_tensor(k)` as of a safetensors handle)."""
 
-    def __init__(self, name: str, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor]):
+    def __init__(self, name: str, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor],
+                 dtypes: Mapping[str, str] | None = None):
         self.name = name
         self.shapes = dict(shapes)
+        self.dtypes = dict(dtypes or {})  # key -> torch dtype name ("float16"), where known without reading
         self._read = read
 
     def keys(self) -> list[str]:
@@ -120,7 +122,8 @@ class TensorSource:
     def renamed(self, names: Mapping[str, str]) -> TensorSource:
         """The tensors of `names` (new key -> key here) under their new keys."""
         return TensorSource(self.name, {new: self.shapes[old] for new, old in names.items()},
-                            lambda key: self._read(names[key]))
+                            lambda key: self._read(names[key]),
+                            {new: self.dtypes[old] for new, old in names.items() if old in self.dtypes})
 
     def __str__(self) -> str:
         return self.name
@@ -143,7 +146,8 @@ def open_checkpoint(file: Path) -> TensorSource:
         from safetensors import safe_open
 
         handle = safe_open(str(file), framework="pt")
-        return TensorSource(str(file), {k: tuple(v["shape"]) for k, v in header.items()}, handle.get_tensor)
+        return TensorSource(str(file), {k: tuple(v["shape"]) for k, v in header.items()}, handle.get_tensor,
+                            {k: _SAFETENSORS_DTYPES.get(v.get("dtype"), str(v.get("dtype"))) for k, v in header.items()})
     try:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -163,7 +167,14 @@ def open_checkpoint(file: Path) -> TensorSource:
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DataParallel/DeepSpeed wrapper
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return TensorSource(str(file), {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__)
+    return TensorSource(str(file), {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__,
+                        {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()})
+
+
+#: safetensors dtype codes -> torch dtype names.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 # ---- the visual encoder from EVA-CLIP ------------------------------------------------------------
@@ -207,13 +218,9 @@ def eva_clip_weights(source: TensorSource, expected: Mapping[str, tuple[int, ...
     (module docstring), or raise one ConfigError listing every missing, unexpected and
     mis-shaped key."""
     keys = source.keys()
-    if any(k.startswith("model.visual.") for k in keys):
-        prefix, layout = "model.visual.", "emu2"
-    elif any(k.startswith("visual.") for k in keys):
-        prefix = "visual."
-        layout = "emu2" if any(k.startswith(("decoder.lm.", "project_up.", "project_down.")) for k in keys) else "eva-clip"
-    elif any(k in ("cls_token", "pos_embed") or k.startswith(("blocks.", "patch_embed.")) for k in keys):
-        prefix, layout = "", "eva-clip-visual"
+    found = eva_layout(keys)
+    if found is not None:
+        prefix, layout = found
     else:
         sample = ", ".join(sorted(keys)[:4]) or "no tensors"
         raise ConfigError(f"{setting}: {source} holds no EVA-CLIP vision weights (neither visual.* keys nor the "
@@ -247,6 +254,20 @@ def eva_clip_weights(source: TensorSource, expected: Mapping[str, tuple[int, ...
                           f"{'; '.join(problems)}{hint}")
     return VisionLoad(file=str(source), layout=layout, source=source.renamed(visual), dropped=dropped,
                       other=other, positions=positions)
+
+
+def eva_layout(keys) -> tuple[str, str] | None:
+    """(key prefix of the vision tower, layout name) of a checkpoint's keys, or None when it holds
+    no EVA-CLIP vision tower (module docstring)."""
+    keys = list(keys)
+    if any(k.startswith("model.visual.") for k in keys):
+        return "model.visual.", "emu2"
+    if any(k.startswith("visual.") for k in keys):
+        emu2 = any(k.startswith(("decoder.lm.", "project_up.", "project_down.")) for k in keys)
+        return "visual.", "emu2" if emu2 else "eva-clip"
+    if any(k in ("cls_token", "pos_embed") or k.startswith(("blocks.", "patch_embed.")) for k in keys):
+        return "", "eva-clip-visual"
+    return None
 
 
 def _square(shape: tuple[int, ...]) -> int:
@@ -298,14 +319,19 @@ def lm_folder(path: str, setting: str = "model.lm.pretrained") -> Path:
 def causal_lm_config(folder: Path, setting: str = "model.lm.pretrained"):
     """The transformers config of a folder, refused unless AutoModelForCausalLM can build it."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{setting}: {folder / 'config.json'}: {_first_line(exc)}") from None
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        kinds = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    saved_as = list(getattr(config, "architectures", None) or [])
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in ((names,) if isinstance(names, str) else names)}
+    # A model saved without its LM head (BertModel: AutoModelForCausalLM would build BertLMHeadModel
+    # and invent the head) is not a causal LM either.
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or (saved_as and not causal & set(saved_as)):
+        kinds = ", ".join(saved_as) or "no architectures listed"
         raise ConfigError(f"{setting}: {folder / 'config.json'} describes a {config.model_type!r} model ({kinds}), "
                           "not a causal LM (AutoModelForCausalLM has no class for it)")
     return config
