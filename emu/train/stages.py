@@ -309,7 +309,11 @@ def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data:
     # The visual encoder (and C-Former) alone, at the stage's input size: the LM, tens of GB for
     # Emu2, is never loaded. Frozen, eval mode (emu.precompute.encoder).
     encoder = load_encoder(config.encoder, config.image_size)
-    decoder = VisualDecoder.from_pretrained(config.init) if config.init else VisualDecoder.from_config(architecture)
+    from emu.model.io import local_folder
+
+    # decoder.init: e.g. SDXL converted by `emu model convert-sdxl` (§2.2.3), local or s3://
+    decoder = (VisualDecoder.from_pretrained(local_folder(config.init)) if config.init
+               else VisualDecoder.from_config(architecture))
     if decoder.config.visual_dim != encoder.config.visual_dim:
         raise ConfigError(f"the decoder reads {decoder.config.visual_dim}-wide embeddings but the encoder of "
                          f"{config.encoder} makes {encoder.config.visual_dim}-wide ones (visual_decoder.visual_dim)")
