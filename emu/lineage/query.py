@@ -442,9 +442,7 @@ def summary(store: LineageStore, graph: LineageGraph) -> str:
     groups = _execution_groups(graph.executions)
     finals = _final_metrics(store, [g["work"] for g in groups])
     lines = []
-    if t["kind"] == "run":
-        lines.append(f"run {t['id']}")
-    else:
+    if t["kind"] == "artifact":  # a run target is introduced by its own run line below
         a = artifacts[t["id"]]
         makers = [g for g in groups if any(e["artifact_id"] == a["id"] and e["direction"] == "out"
                                            for e in _edges_of(graph, g))]

@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from emu.errors import ConfigError
 from emu.model.cformer import CausalFormer
 from emu.model.config import EmuConfig, LMConfig
-from emu.model.vision import EvaVisionTransformer, pool_patches
+from emu.model.vision import EvaVisionTransformer, normalize, pool_patches
 
 IGNORE = -100  # text target that is not supervised (Hugging Face convention)
 
@@ -194,11 +194,14 @@ class EmuModel(nn.Module):
         return self._encode([(pixels_BCHW, self.config.image_tokens_side if side is None else side)])[0]
 
     def _encode(self, inputs: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Several pixel batches (each with its pooled side) through one encoder call."""
+        """Several pixel batches (each with its pooled side) through one encoder call. uint8
+        pixels (emu.model.vision.resize_images, what the data loader ships) are normalised here."""
         trainable = any(p.requires_grad for p in self.visual.parameters()) or (
             self.cformer is not None and any(p.requires_grad for p in self.cformer.parameters()))
+        dtype = next(self.visual.parameters()).dtype
+        pixels = [normalize(p, self.visual.config, dtype) if p.dtype == torch.uint8 else p for p, _ in inputs]
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            tokens = self.visual(torch.cat([pixels for pixels, _ in inputs]))
+            tokens = self.visual(torch.cat(pixels))
             if self.cformer is not None:
                 tokens = self.cformer(tokens)
             out, start = [], 0

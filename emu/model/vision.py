@@ -153,12 +153,24 @@ def pool_patches(tokens_BND: torch.Tensor, side: int) -> torch.Tensor:
 def preprocess(images, config: VisionConfig) -> torch.Tensor:
     """PIL images -> normalised pixels (B, 3, S, S): bicubic resize to the square input size, no
     crop (official chat.py), then CLIP mean/std."""
+    return normalize(resize_images(images, config.image_size), config)
+
+
+def resize_images(images, size: int) -> torch.Tensor:
+    """PIL images -> uint8 pixels (B, 3, size, size), bicubic, no crop: the first half of
+    `preprocess`. A data loader ships these (a quarter of float32's bytes to build, hold and copy
+    to the GPU); EmuModel normalises uint8 pixels itself, on their device."""
     import numpy as np
     from PIL import Image
 
-    arrays = [np.asarray(img.convert("RGB").resize((config.image_size, config.image_size), Image.BICUBIC),
-                         dtype=np.float32) / 255.0 for img in images]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8) for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def normalize(pixels_BCHW: torch.Tensor, config: VisionConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels -> CLIP mean/std normalised pixels in `dtype`, computed in float32 on the
+    pixels' device: the same numbers as `preprocess`, bit for bit."""
+    pixels = pixels_BCHW.float() / 255.0
+    mean = torch.tensor(config.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=pixels.device).view(1, 3, 1, 1)
+    return ((pixels - mean) / std).to(dtype)

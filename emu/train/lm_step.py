@@ -26,7 +26,6 @@ Random choices (image/text order, entity dropping) come from a generator per sam
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from emu.data.schema import Pair, Sample
 from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
 from emu.model.config import VisionConfig
 from emu.model.emu import IGNORE
-from emu.model.vision import preprocess
+from emu.model.vision import resize_images
 from emu.train.engine import Engine, all_reduce_max, all_reduce_sum
 from emu.train.metrics import FlopModel
 from emu.train.trainer import StepResult
@@ -160,9 +159,9 @@ class LMBatcher:
         return MicroBatch(inputs=inputs, text_targets=int((batch.targets != IGNORE).sum()), image_targets=regressed)
 
     def pixels(self, slots: list[VisualSlot], image_size: int | None = None) -> torch.Tensor:
-        """Normalised pixels of the slots' images at `image_size` (default: the encoder's)."""
-        vision = self.vision if image_size is None else dataclasses.replace(self.vision, image_size=image_size)
-        return preprocess([Image.open(io.BytesIO(slot.data)) for slot in slots], vision)
+        """uint8 pixels of the slots' images at `image_size` (default: the encoder's); EmuModel
+        normalises them on the device (emu.model.vision.resize_images)."""
+        return resize_images([Image.open(io.BytesIO(slot.data)) for slot in slots], image_size or self.vision.image_size)
 
     def blank(self) -> MicroBatch:
         """A one-token batch with nothing to score: what a rank with fewer micro-batches runs."""
@@ -224,8 +223,5 @@ class LMStep:
                                  "truncated": self.truncated})
 
     def _to_device(self, micro: MicroBatch) -> dict[str, Any]:
-        """The inputs on the engine's device, pixels in the encoder's dtype (bf16 under bf16)."""
-        device = self.engine.device
-        dtype = next(self.engine.module.visual.parameters()).dtype
-        return {name: tensor.to(device, dtype, non_blocking=True) if name in ("images", "frames")
-                else tensor.to(device, non_blocking=True) for name, tensor in micro.inputs.items()}
+        """The inputs on the engine's device (pixels stay uint8 until the model normalises them)."""
+        return {name: tensor.to(self.engine.device, non_blocking=True) for name, tensor in micro.inputs.items()}

@@ -236,3 +236,32 @@ def test_position_embeddings_follow_the_input_resolution():
     resize_position_embeddings(eva, 32)
     assert eva.config.image_size == 32 and eva.pos_embed.shape == (1, 65, 16)
     assert_close(eva(big), dynamic)
+
+
+def test_uint8_pixels_are_normalised_by_the_model_exactly_as_preprocess_does(model):
+    """The data loader ships uint8 pixels (a quarter of the bytes); the model normalises them on
+    their device, bit for bit what preprocess gives on the host."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from emu.model.vision import preprocess, resize_images
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + i, 52, 3), dtype=np.uint8)) for i in range(3)]
+    images = [Image.open(io.BytesIO(_png(img))) for img in images]
+    config = model.visual.config
+    floats = preprocess(images, config)
+    raw = resize_images(images, config.image_size)
+    assert raw.dtype == torch.uint8 and raw.shape == floats.shape
+    with torch.no_grad():
+        assert torch.equal(model.encode_images(raw), model.encode_images(floats))
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
