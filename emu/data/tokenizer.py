@@ -66,7 +66,11 @@ def add_special_tokens(tokenizer) -> None:
 
 
 def base_vocab_size(tokenizer) -> int:
-    """How many ids the tokenizer has besides the Emu2 special tokens (they come after it)."""
+    """How many tokens the tokenizer had before Emu added its own (prepare_tokenizer records it;
+    otherwise: every id but those of the Emu2 special tokens, which come after the vocabulary)."""
+    shipped = getattr(tokenizer, "_emu_shipped_size", None)
+    if shipped is not None:
+        return shipped
     special = set(SPECIAL_TOKENS)
     return 1 + max(i for token, i in tokenizer.get_vocab().items() if token not in special)
 
@@ -102,6 +106,9 @@ def prepare_tokenizer(tokenizer, source: str) -> None:
                           "ends every sequence with it")
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
+    # The LM's rows below this id belong to the tokenizer as shipped (trained, Emu2 tokens
+    # included when it already had them); rows at or above it are new (emu.model.emu.build_lm).
+    tokenizer._emu_shipped_size = len(tokenizer)
     add_special_tokens(tokenizer)
 
 

@@ -82,9 +82,9 @@ def build_lm(config: LMConfig, vocab_size: int, base_vocab: int | None = None,
 
       * rows the tokenizer does not have (an LM whose embeddings were padded past its vocabulary,
         as Qwen2's 151,936 rows for ~151.6k tokens) are dropped first, but only when the
-        tokenizer is the LM's own, whose base vocabulary (`base_vocab`, before the Emu2 tokens)
-        is then known; any other tokenizer with fewer tokens than the LM has rows is an error (an
-        LM loaded with another tokenizer would be cut down to it and read wrong ids);
+        tokenizer is the LM's own, whose size as shipped (`base_vocab`, before Emu added its
+        tokens) is then known; any other tokenizer with fewer tokens than the LM has rows is an
+        error (an LM loaded with another tokenizer would be cut down to it and read wrong ids);
       * new rows, input and output embeddings both, start at the mean of the existing ones
         (transformers' `mean_resizing`: the mean, plus noise of 1e-9 times their covariance),
         so the special tokens do not change what the LM predicts for text. Under ZeRO-3

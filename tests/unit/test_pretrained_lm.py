@@ -115,6 +115,22 @@ def test_saved_model_reloads_with_the_same_vocabulary(tmp_path):
     assert torch.equal(again.lm.get_input_embeddings().weight, model.lm.get_input_embeddings().weight)
 
 
+def test_an_lm_folder_that_already_has_the_emu_tokens_keeps_their_rows(tmp_path):
+    """E.g. the LM of a released Emu2 checkpoint, whose tokenizer ships the special tokens: its
+    trained rows for them stay (no padding rows dropped, nothing re-initialised)."""
+    folder = checkpoint(tmp_path, "llama2")
+    tok = load_tokenizer(folder, "model.lm.pretrained")
+    first = EmuModel.build(EmuConfig(lm=LMConfig(pretrained=str(folder))), tok)
+    with torch.no_grad():
+        first.lm.get_input_embeddings().weight[700:].normal_()  # "trained" rows for the Emu2 tokens
+    first.lm.save_pretrained(tmp_path / "emu-lm")
+    tok.save_pretrained(tmp_path / "emu-lm")
+    again_tok = load_tokenizer(tmp_path / "emu-lm", "model.lm.pretrained")
+    assert base_vocab_size(again_tok) == len(again_tok) == len(tok)
+    again = EmuModel.build(EmuConfig(lm=LMConfig(pretrained=str(tmp_path / "emu-lm"))), again_tok)
+    assert torch.equal(again.lm.get_input_embeddings().weight, first.lm.get_input_embeddings().weight)
+
+
 def test_an_lm_whose_vocabulary_would_shrink_is_refused(tmp_path):
     folder = checkpoint(tmp_path, "llama2")
     small = train_tokenizer(corpus(50), 300)  # 300 + 274 tokens < the LM's 700 rows
