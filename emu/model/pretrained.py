@@ -46,9 +46,7 @@ __all__ = ["WEIGHT_SUFFIXES", "TensorSource", "VisionLoad", "eva_clip_weights", 
 #: Keys of the CLIP head after EVA-CLIP's blocks (eva_vit_model.py `norm`, `fc_norm`, `head`):
 #: not part of Emu2's encoder, which ends at the last block.
 CLIP_HEAD = ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
-#: Top-level keys of an EVA-CLIP checkpoint beside `visual.*` (CLIP's text tower, logit scale).
-_TEXT_TOWER = ("text.", "transformer.", "token_embedding.", "positional_embedding", "ln_final.",
-               "text_projection", "logit_scale", "attn_mask")
+#: Entries a training checkpoint wraps its state dict in (EVA-CLIP factory.py: "model|module|state_dict").
 _WRAPPERS = ("model", "module", "state_dict")
 
 

@@ -4,7 +4,6 @@ the encoder. The pretrained LM already knows the captions' language, so the capt
 starts far below a randomly initialised LM's on the same data and tokenizer."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
