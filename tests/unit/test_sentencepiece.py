@@ -117,3 +117,21 @@ def test_ids_equal_the_non_legacy_tokenization_of_the_whole_prompt(folder, legac
 def test_byte_level_tokenizers_encode_pieces_as_they_are():
     tok = train_tokenizer(corpus(50), 400)
     assert _prefix_anchor(tok) is None
+
+
+def test_the_saved_and_reloaded_tokenizer_builds_the_same_sequences(folder, legacy, tmp_path):
+    """Later stages read the tokenizer an exported model folder holds (save_pretrained, then
+    load_model_tokenizer): it must build exactly the sequences stage 1 built."""
+    from emu.data.tokenizer import load_model_tokenizer
+
+    legacy.save_pretrained(str(tmp_path / "tokenizer"))
+    again = load_model_tokenizer(tmp_path / "tokenizer")
+    rules = SequenceRules(mode="chat", image_tokens=N, frame_tokens=2, max_len=256,
+                          system_messages={"chat": "You are a helpful assistant."})
+    chat = Chat(key="c", images=[png()], turns=[Turn("user", "<image> What color is the shape?"),
+                                                Turn("assistant", "The circle is red.")])
+    pair = Pair(key="p", images=[png()], text="a red circle")
+    for mode, sample in (("chat", chat), ("caption", pair)):
+        a = SequenceBuilder(legacy, SequenceRules(**{**rules.__dict__, "mode": mode})).build(sample, random.Random(0))
+        b = SequenceBuilder(again, SequenceRules(**{**rules.__dict__, "mode": mode})).build(sample, random.Random(0))
+        assert a[0].ids == b[0].ids and a[0].targets == b[0].targets
