@@ -25,6 +25,8 @@ class OptimizerConfig:
     eps: float = 1e-6
     weight_decay: float = 0.0
     grad_clip: float = 5.0  # max global grad norm; 0 disables clipping
+    #: torch's fused AdamW kernel (one launch for all parameters) on CUDA; ignored on CPU.
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -68,6 +70,10 @@ class RuntimeConfig:
     zero3_persistence_threshold: int = 100_000
     micro_batch_size: int = 4  # packed rows per forward/backward; a step accumulates as many as it needs
     gradient_checkpointing: bool = False
+    #: torch.compile each LM decoder layer and encoder block (torchtitan's per-block compile:
+    #: small graphs, compiled once, reused by every layer of the same shape). Off by default:
+    #: not yet measured on a GPU; the first steps pay the compile time.
+    compile: bool = False
     #: Attention over packed rows. sdpa / eager: a dense (rows, 1, L, L) block-diagonal mask
     #: (the reference; it keeps SDPA off its flash kernel). flex_attention: no dense mask;
     #: transformers derives a block mask from the position ids (which restart at each packed

@@ -106,6 +106,8 @@ def deepspeed_config(runtime: RuntimeConfig, optimizer: OptimizerConfig) -> dict
     }
     if runtime.zero_stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = runtime.zero3_persistence_threshold
+    if optimizer.fused and torch.cuda.is_available():
+        config["optimizer"]["params"]["fused"] = True  # passed on to torch.optim.AdamW (torch_adam)
     return config
 
 

@@ -89,9 +89,14 @@ def _set_attention(model: EmuModel, runtime: RuntimeConfig) -> str:
 
 
 def _enable_checkpointing(model: EmuModel, runtime: RuntimeConfig) -> None:
+    """Gradient checkpointing and per-block compilation (RuntimeConfig), applied from outside the
+    model (DESIGN.md convention 1)."""
     if runtime.gradient_checkpointing:
         model.lm.activation_checkpointing_enable()
         model.visual.gradient_checkpointing = True
+    if runtime.compile:
+        for block in [*model.lm.get_decoder().layers, *model.visual.blocks]:
+            block.compile()
 
 
 def _export(engine: engine_mod.Engine, model: EmuModel, tokenizer, folder: Path, rank: int,

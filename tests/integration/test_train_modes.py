@@ -2,6 +2,7 @@
 does): trained parts in train mode with gradient checkpointing really active, frozen parts in
 eval mode with no gradient; and ZeRO-3 builds it partitioned, never whole on a rank."""
 
+import json
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,3 +150,16 @@ def test_zero3_fresh_build_is_initialised_like_a_plain_one(world):  # noqa: F811
             assert built.shape == expected.shape, name
             assert float(built.std()) == pytest.approx(float(expected.std()), rel=0.15), name
         assert float(params["project_up.weight"].data.std()) == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(world, init_model, tmp_path):  # noqa: F811
+    """runtime.compile: torch.compile per LM layer and encoder block gives the eager losses."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        settings = ["steps=3", "runtime.progress=false", f"init={init_model}", "batch_sizes={image_text: 2, text: 1}",
+                    f"runtime.compile={str(compiled).lower()}"]
+        stage2(resolve(Stage2Config, "stage2", "tiny", settings), [world / "img2dataset", world / "text"], out)
+        losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
