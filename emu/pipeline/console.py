@@ -39,6 +39,10 @@ PROGRESS_MARKS = (1 / 3, 2 / 3)
 #: Seconds the reader may take to drain the pipe after the run (a process that outlived its task
 #: and still holds the pipe must not keep `emu run` from ending).
 DRAIN_TIMEOUT_S = 5.0
+#: Marks the runner's own lines (`echo`) and this process's log records in the pipe. They travel
+#: through the pipe like everything else, so they reach the terminal in the order they were
+#: written: the summary after the last stage's end, never before it.
+OWN_LINE = "\x1eemu-console\x1e"
 
 
 def strip_ansi(text: str) -> str:
@@ -74,6 +78,8 @@ class RunConsole:
         self._terminal = terminal
         # Re-entrant: a cache-hit callback that logs comes back through the console's log handler.
         self._lock = threading.RLock()
+        self._echoed = threading.Condition()
+        self._sent = self._done = 0          # echo lines sent through the pipe / shown
         self._started: dict[str, float] = {}
         self._progress: dict[str, str] = {}  # task -> its last progress report
         self._marks: dict[str, int] = {}     # task -> PROGRESS_MARKS passed
@@ -113,7 +119,7 @@ class RunConsole:
         # them; kfp.local reports cache hits at INFO, so the root logger must pass INFO.
         root = logging.getLogger()
         self._root_state = (root.level, root.handlers[:])
-        self._handler = _LineHandler(self._line)
+        self._handler = _LineHandler(self._own)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.handlers = [self._handler]
         if root.level > logging.INFO:
@@ -145,10 +151,44 @@ class RunConsole:
     # ------------------------------------------------------------------ output
 
     def echo(self, line: str) -> None:
-        """A line of the runner's own (the run's header, its summary): terminal and log."""
-        with self._lock:
-            self._write_log(line)
-            self._show(line)
+        """A line of the runner's own (the run's header, its summary): terminal and log, after
+        everything written before it; returns once it is shown."""
+        self._send("echo", line)
+
+    def sync(self) -> None:
+        """Return once every line written so far has been read: the events in them (a cache hit
+        logged as the pipeline's last act) are recorded before the caller reads the outcome."""
+        self._send("sync", "")
+
+    def _send(self, kind: str, line: str) -> None:
+        with self._echoed:
+            self._sent += 1
+            ticket = self._sent
+        self._own(line, kind)
+        with self._echoed:
+            self._echoed.wait_for(lambda: self._done >= ticket, timeout=DRAIN_TIMEOUT_S)
+
+    def _own(self, line: str, kind: str = "log") -> None:
+        """Send a line of this process through the pipe: an `echo` line for the terminal, a
+        `sync` marker, or a `log` record (captured like any task's output)."""
+        if threading.current_thread() is self._reader:  # the reader must never wait on its own pipe
+            self._take(line, kind)
+            return
+        parts = line.split("\n") if kind != "sync" else [""]
+        data = "".join(f"{OWN_LINE}{kind}{OWN_LINE}{part}\n" for part in parts)
+        os.write(1, data.encode("utf-8", errors="replace"))
+
+    def _take(self, line: str, kind: str) -> None:
+        if kind == "log":
+            self._line(line)
+            return
+        if kind == "echo":
+            with self._lock:
+                self._write_log(line)
+                self._show(line)
+        with self._echoed:
+            self._done += 1
+            self._echoed.notify_all()
 
     def _show(self, line: str) -> None:
         if self._same_file:
@@ -176,7 +216,12 @@ class RunConsole:
     def _read(self, fd: int) -> None:
         with os.fdopen(fd, "rb") as pipe:
             for raw in pipe:
-                self._line(raw.decode("utf-8", errors="replace").rstrip("\n"))
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if line.startswith(OWN_LINE):
+                    kind, _, text = line[len(OWN_LINE):].partition(OWN_LINE)
+                    self._take(text, kind)
+                else:
+                    self._line(line)
 
     def _line(self, line: str) -> None:
         """Every captured line: to the log (and the terminal with verbose); the events among them
@@ -240,7 +285,7 @@ class RunConsole:
 
 
 class _LineHandler(logging.Handler):
-    """Feeds formatted log records of this process to the console as lines."""
+    """Feeds formatted log records of this process to the console, a line at a time."""
 
     def __init__(self, sink: Callable[[str], None]):
         super().__init__(logging.NOTSET)

@@ -216,6 +216,7 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
             console.echo(f"error: {error}")
         finally:
             os.environ.update(inherited)
+        console.sync()  # the last cache hit may still be in the pipe: record it first
         executions = store.list_executions(run.id)
         failed = [e for e in executions if e.status == "failed"]
         if failed and error is None:
