@@ -14,33 +14,14 @@ import pytest
 from emu.config import resolve
 from emu.data.formats import ImportConfig
 from emu.data.importing import run_import
-from emu.data.prepare import import_sources
-from emu.data.synth import SynthConfig, generate
 from emu.data.synth import world as shapes
-from emu.model.config import EmuConfig
 from emu.model.io import load_model
-from emu.train.config import InstructConfig, Stage1Config, Stage2Config
-from emu.train.stages import instruct, stage1, stage2
+from emu.train.config import InstructConfig, Stage2Config
+from emu.train.stages import instruct, stage2
 
 MAX_LEN = 256
 LONG_TEXT_TOKENS = 5000
 CHAT_ROUNDS, CHAT_IMAGES = 40, 16  # 16 images x 18 positions (4x4 pooling + markers) > MAX_LEN
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-    import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def init_model(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stage1")
-    config = resolve(Stage1Config, "stage1", "tiny", ["steps=2", "runtime.progress=false"])
-    stage1(config, resolve(EmuConfig, "model", "tiny"), [world / "img2dataset", world / "webvid"], out)
-    return out / "model"
 
 
 def sentence(rng: random.Random) -> str:

@@ -10,14 +10,14 @@ import torch
 from emu.errors import DatasetError
 from emu.train.loader import StepLoader
 from tests.integration.test_train_stages import (run_emu, stage1_out, stage2_args, wait_for_checkpoint,  # noqa: F401
-                                                 weights, world)
+                                                 weights)
 
 
 def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_worker_steps_equal_inline_steps(world, stage1_out, tmp_path):  # noqa: F811
+def test_worker_steps_equal_inline_steps(world, stage1_out, tmp_path):
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"workers{workers}"
@@ -32,7 +32,7 @@ def test_worker_steps_equal_inline_steps(world, stage1_out, tmp_path):  # noqa: 
     assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def test_killed_with_workers_ahead_resumes_exactly(world, stage1_out, tmp_path):  # noqa: F811
+def test_killed_with_workers_ahead_resumes_exactly(world, stage1_out, tmp_path):
     init = stage1_out / "model"
     workers = ("runtime.loader_workers=2", "runtime.loader_prefetch=4")  # up to 8 steps read ahead
     straight = run_emu(*stage2_args(world, init, tmp_path / "straight"))

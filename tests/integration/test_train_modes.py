@@ -5,7 +5,6 @@ eval mode with no gradient; and ZeRO-3 builds it partitioned, never whole on a r
 import json
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from emu.train.config import OptimizerConfig, RuntimeConfig, Stage1Config, Stage
 from emu.train.engine import PartitionedInit, init_distributed
 from emu.train.metrics import flop_model
 from emu.train.stages import stage1, stage2
-from tests.integration.test_train_multirank import init_model, world  # noqa: F401  (module fixtures)
 
 LM_LAYERS, VIT_LAYERS = 3, 2  # the tiny preset's model section
 
@@ -45,7 +43,7 @@ def module_calls():
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_gradient_checkpointing_recomputes_lm_and_encoder_layers(world, init_model, tmp_path, checkpointing):  # noqa: F811
+def test_gradient_checkpointing_recomputes_lm_and_encoder_layers(world, init_model, tmp_path, checkpointing):
     settings = ["steps=2", "runtime.progress=false", f"init={init_model}", "batch_sizes={image_text: 2}",
                 f"runtime.gradient_checkpointing={str(checkpointing).lower()}"]
     with module_calls() as (counts, models):
@@ -57,7 +55,7 @@ def test_gradient_checkpointing_recomputes_lm_and_encoder_layers(world, init_mod
     assert counts["Block"] == passes * VIT_LAYERS * forwards  # stage 1 trains the encoder
 
 
-def test_frozen_parts_run_in_eval_mode_without_gradients(world, init_model, tmp_path):  # noqa: F811
+def test_frozen_parts_run_in_eval_mode_without_gradients(world, init_model, tmp_path):
     seen = []
 
     def watch(module, args, output):
@@ -82,7 +80,7 @@ def test_frozen_parts_run_in_eval_mode_without_gradients(world, init_model, tmp_
     assert counts["LlamaMLP"] == 2 * LM_LAYERS * counts["EmuModel"]
 
 
-def test_zero3_builds_the_model_partitioned_and_loads_every_weight(init_model):  # noqa: F811
+def test_zero3_builds_the_model_partitioned_and_loads_every_weight(init_model):
     import deepspeed
 
     init_distributed()
@@ -103,7 +101,7 @@ def test_zero3_builds_the_model_partitioned_and_loads_every_weight(init_model): 
     assert not is_deepspeed_zero3_enabled(), "the ZeRO-3 setting leaked out of the build"
 
 
-def test_zero3_load_refuses_a_weights_file_that_does_not_match(init_model, tmp_path):  # noqa: F811
+def test_zero3_load_refuses_a_weights_file_that_does_not_match(init_model, tmp_path):
     import shutil
 
     from safetensors.torch import save_file
@@ -124,7 +122,7 @@ def test_zero3_load_refuses_a_weights_file_that_does_not_match(init_model, tmp_p
         load_model(broken)
 
 
-def test_zero3_fresh_build_is_initialised_like_a_plain_one(world):  # noqa: F811
+def test_zero3_fresh_build_is_initialised_like_a_plain_one(world):
     """Weights initialised after a module's constructor would hit the empty shard and be lost:
     a fresh model built partitioned must have the same init distributions as a plain build."""
     import deepspeed
@@ -153,7 +151,7 @@ def test_zero3_fresh_build_is_initialised_like_a_plain_one(world):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_ones(world, init_model, tmp_path):  # noqa: F811
+def test_compiled_blocks_train_like_eager_ones(world, init_model, tmp_path):
     """runtime.compile: torch.compile per LM layer and encoder block gives the eager losses."""
     losses = {}
     for compiled in (False, True):

@@ -20,9 +20,6 @@ import pytest
 import torch
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig
-from emu.data.prepare import import_sources
-from emu.data.synth import SynthConfig, generate
 from emu.model.config import EmuConfig
 from emu.train.config import Stage1Config, Stage2Config
 from emu.train.stages import stage1, stage2
@@ -35,22 +32,6 @@ STAGE2_SETTINGS = ("batch_sizes={image_text: 3, grounded: 1, text: 1}", "steps=1
                    "runtime.micro_batch_size=1", "runtime.checkpoint_every=3", "runtime.progress=false",
                    "runtime.zero3_persistence_threshold=0", "runtime.peak_tflops=1")
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-    import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def init_model(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stage1")
-    config = resolve(Stage1Config, "stage1", "tiny", ["steps=2", "runtime.progress=false"])
-    stage1(config, resolve(EmuConfig, "model", "tiny"), [world / "img2dataset", world / "webvid"], out)
-    return out / "model"
 
 
 def stage2_args(world: Path, init: Path, out: Path, *overrides: str) -> list[str]:
@@ -215,7 +196,7 @@ STAGE1_SETTINGS = ("batch_sizes={image_text: 3, video_text: 1}", "steps=3", "seq
 
 
 @pytest.fixture(scope="module")
-def stage1_one_rank(world, init_model, tmp_path_factory) -> Path:  # noqa: F811
+def stage1_one_rank(world, init_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stage1-one")
     stage1(resolve(Stage1Config, "stage1", "tiny", [*STAGE1_SETTINGS, f"init={init_model}"]),
            resolve(EmuConfig, "model", "tiny"), [world / "img2dataset", world / "webvid"], out)

@@ -11,23 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig
-from emu.data.prepare import import_sources
 from emu.data.shards import iter_samples
-from emu.data.synth import SynthConfig, generate
 from emu.model.config import EmuConfig
 from emu.model.io import load_model
 from emu.train.config import Stage1Config
 from emu.train.stages import stage1
 from tests.pretrained import corpus, eva_state_dict, pretrained_llama_folder
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-    import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-    return root / "shards"
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig
-from emu.data.prepare import import_sources
 from emu.data.sequence import SequenceBuilder, SequenceRules
 from emu.data.packing import collate, pack
 from emu.data.shards import iter_samples
-from emu.data.synth import SynthConfig, generate
 from emu.model.config import DecoderConfig, EmuConfig
 from emu.model.decoder import VisualDecoder
 from emu.model.emu import IGNORE
@@ -33,14 +30,6 @@ from emu.train.stages import instruct, stage1, stage2, train_decoder
 EMU = Path(sys.executable).parent / "emu"
 PAIRS = ("img2dataset", "webvid")
 MIXTURE = ("img2dataset", "webvid", "mmc4", "ytsb", "grit", "text")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-    import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-    return root / "shards"
 
 
 def dirs(world: Path, names) -> list[Path]:
