@@ -198,8 +198,7 @@ class EmuModel(nn.Module):
         pixels (emu.model.vision.resize_images, what the data loader ships) are normalised here."""
         trainable = any(p.requires_grad for p in self.visual.parameters()) or (
             self.cformer is not None and any(p.requires_grad for p in self.cformer.parameters()))
-        dtype = next(self.visual.parameters()).dtype
-        pixels = [normalize(p, self.visual.config, dtype) if p.dtype == torch.uint8 else p for p, _ in inputs]
+        pixels = [normalize(p, self.visual.config) if p.dtype == torch.uint8 else p for p, _ in inputs]
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             tokens = self.visual(torch.cat(pixels))
             if self.cformer is not None:
@@ -283,8 +282,7 @@ class EmuModel(nn.Module):
                 frame_embeds = next(encoded)
         elif encode_blank:
             size = self.visual.config.image_size
-            blank = torch.zeros(1, 3, size, size, dtype=next(self.visual.parameters()).dtype,
-                                device=input_ids.device)
+            blank = torch.zeros(1, 3, size, size, device=input_ids.device)  # cast by the encoder
             filler = self._encode([(blank, self.config.image_tokens_side)])[0]
         hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids, filler)
 

@@ -97,7 +97,9 @@ class EvaVisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels_BCHW)
+        # The encoder's compute dtype, read from its own parameter: gathered here under ZeRO-3,
+        # where a partitioned parameter's placeholder may report another dtype before its module runs.
+        x = self.patch_embed(pixels_BCHW.to(self.cls_token.dtype))
         grid = pixels_BCHW.shape[-1] // self.config.patch_size
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + interpolate_positions(self.pos_embed, grid)
         for block in self.blocks:

@@ -106,6 +106,11 @@ def deepspeed_config(runtime: RuntimeConfig, optimizer: OptimizerConfig) -> dict
     }
     if runtime.zero_stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = runtime.zero3_persistence_threshold
+    if runtime.precision == "bf16" and runtime.zero_stage >= 1:
+        # Accumulate and reduce gradients in fp32: a step sums many small weighted micro-batch
+        # gradients (the exact token mean), which bf16's 8-bit mantissa would round away.
+        # DeepSpeed offers no such mix without ZeRO (ZeRO 0 bf16 accumulates in bf16).
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if optimizer.fused and torch.cuda.is_available():
         config["optimizer"]["params"]["fused"] = True  # passed on to torch.optim.AdamW (torch_adam)
     return config

@@ -214,3 +214,19 @@ def test_stage1_on_several_ranks_equals_one_rank(world, init_model, stage1_one_r
                       f"init={init_model}", f"runtime.zero_stage={zero}"])
     assert any(r["blank_micro_batches"] > 0 for r in records(out))
     assert_same_training(stage1_one_rank, out)
+
+
+def test_bf16_zero3_on_two_ranks_tracks_one_rank(world, init_model, tmp_path):
+    """The production setting (bf16, ZeRO-3, gradients accumulated in fp32) on 2 ranks follows the
+    1-rank bf16 run on the same global batches, to bf16's precision."""
+    bf16 = ("runtime.precision=bf16", "steps=4")
+    reference = tmp_path / "one"
+    stage2(resolve(Stage2Config, "stage2", "tiny", [*STAGE2_SETTINGS, *bf16, "runtime.zero_stage=2",
+                                                    f"init={init_model}"]), [world / n for n in STAGE2_DATA], reference)
+    out = tmp_path / "two"
+    run_ranks(2, stage2_args(world, init_model, out, *bf16, "runtime.zero_stage=3"))
+    a, b = records(reference), records(out)
+    assert [r["text_targets"] for r in a] == [r["text_targets"] for r in b]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in b]), torch.tensor([r["loss"] for r in a]),
+                               rtol=2e-2, atol=0.0)
+    assert weights(out / "model")["project_up.weight"].dtype == torch.bfloat16
