@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from _world import synthetic_mixture
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig
-from emu.data.prepare import import_sources
 from emu.data.sequence import SequenceBuilder, SequenceRules
-from emu.data.synth import SynthConfig, generate
 from emu.data.tokenizer import train_tokenizer
 from emu.model.config import EmuConfig
 from emu.model.emu import EmuModel
@@ -29,9 +27,6 @@ from emu.train.config import RuntimeConfig, Stage2Config
 from emu.train.data import build_mixture
 from emu.train.engine import Engine, init_distributed, shutdown_distributed
 from emu.train.lm_step import LMBatcher, LMStep
-
-MIXTURE = ("img2dataset", "webvid", "mmc4", "ytsb", "grit", "text")
-
 
 def measure(model, tokenizer, data, batch_sizes, steps, max_len, micro_rows, packing) -> dict:
     engine = Engine(model, [{"name": "all", "lr": 1e-4, "params": list(model.parameters())}],
@@ -69,9 +64,7 @@ def main() -> None:
     init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-        import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-        data = [root / "shards" / name for name in MIXTURE]
+        data = synthetic_mixture(root)
         batch_sizes = {"image_text": 16, "video_text": 4, "interleaved": 4, "video_interleaved": 4, "grounded": 8,
                        "text": 4}
         architecture = resolve(EmuConfig, "model", "tiny")

@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from _world import MIXTURE, synthetic_mixture
 
 from emu.config import resolve
-from emu.data.formats import ImportConfig
-from emu.data.prepare import import_sources
 from emu.data.sequence import SequenceBuilder, SequenceRules
-from emu.data.synth import SynthConfig, generate
 from emu.data.tokenizer import train_tokenizer
 from emu.model.config import EmuConfig
 from emu.model.emu import EmuModel
@@ -41,9 +39,6 @@ from emu.train.loader import StepLoader
 from emu.train.lm_step import LMBatcher
 from emu.train.metrics import KNOWN_PEAK_TFLOPS, flop_model
 from emu.train.stages import stage2
-
-MIXTURE = ("img2dataset", "webvid", "mmc4", "ytsb", "grit", "text")
-
 
 def small_batcher(tokenizer, model, config: Stage2Config) -> LMBatcher:
     rules = SequenceRules(mode="pretrain", image_tokens=model.config.tokens_per_image(),
@@ -108,9 +103,7 @@ def main() -> None:
     init_distributed()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        generate(root / "raw", resolve(SynthConfig, "synth", "tiny"))
-        import_sources(root / "raw", root / "shards", resolve(ImportConfig, "import", "tiny"))
-        data = [root / "shards" / name for name in MIXTURE]
+        data = synthetic_mixture(root)
         from emu.data.shards import iter_samples
         from emu.model.io import save_model
 

@@ -7,12 +7,12 @@ import random
 import pytest
 
 from emu.data.schema import VQA, Captions, Chat, Grounded, Interleaved, Pair, Segment, TextOnly, Turn, VideoText
-from emu.data.sequence import DEFAULT_SYSTEM_MESSAGES, SequenceBuilder, SequenceRules
+from emu.data.sequence import SequenceBuilder, SequenceRules
 from emu.data.shards import ShardWriter
 from emu.data.synth import world
-from emu.data.tokenizer import train_tokenizer
 from emu.errors import ConfigError
 from emu.train.preflight import CHAT_FIXED, check_visual_budget
+from tests.unit.test_sequence import png, tok  # noqa: F401  (the same tokenizer fixture and images)
 
 N, M = 5, 2  # <image> tokens per image, [gIMG] tokens per frame
 BLOCK = N + 2
@@ -20,18 +20,6 @@ CHAT_TYPES = {"chat": 1, "academic": 1}
 PRETRAIN_TYPES = {"image_text": 1, "video_text": 1, "interleaved": 1, "video_interleaved": 1, "grounded": 1, "text": 1}
 #: No system message, so the chat template before the first answer is only markers and images.
 NO_SYSTEM = {"chat": "", "academic": ""}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    rng = random.Random(0)
-    texts = [world.caption(world.sample_scene(rng)) for _ in range(50)]
-    texts += [world.paragraph(rng) for _ in range(10)] + list(DEFAULT_SYSTEM_MESSAGES.values())
-    return train_tokenizer(texts, 500)
-
-
-def png(seed: int = 0) -> bytes:
-    return world.encode(world.render(world.sample_scene(random.Random(seed), size=8)), "png")
 
 
 def dataset(root, name, *samples):
