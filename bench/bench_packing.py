@@ -35,7 +35,6 @@ def measure(model, tokenizer, data, batch_sizes, steps, max_len, micro_rows, pac
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side), max_len=max_len)
     batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=max_len, packing=packing, micro_rows=micro_rows,
                         pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config,
-                        image_tokens=rules.image_tokens, frame_tokens=rules.frame_tokens,
                         attn_implementation=model.config.lm.attn_implementation, mask_dtype=torch.float32)
     step = LMStep(engine=engine, batcher=batcher, world=1)
     mixture = build_mixture(data, batch_sizes, seed=0)

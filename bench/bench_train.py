@@ -47,8 +47,8 @@ def small_batcher(tokenizer, model, config: Stage2Config) -> LMBatcher:
     vision = dataclasses.replace(model.config.vision, image_size=config.image_size)
     return LMBatcher(SequenceBuilder(tokenizer, rules), max_len=config.sequence.max_len,
                      packing=config.sequence.packing, micro_rows=config.runtime.micro_batch_size,
-                     pad_id=tokenizer.pad_token_id, seed=0, vision=vision, image_tokens=rules.image_tokens,
-                     frame_tokens=rules.frame_tokens, attn_implementation="sdpa", mask_dtype=torch.bfloat16)
+                     pad_id=tokenizer.pad_token_id, seed=0, vision=vision,
+                     attn_implementation="sdpa", mask_dtype=torch.bfloat16)
 
 
 def loader_alone(data, tokenizer, steps: int, workers: int, peak_tflops: float) -> dict:

@@ -32,13 +32,20 @@ gathers a module's parameters at each call, in forward and again in backward, wh
 reduces gradients bucket by bucket as backward produces them: ranks that called different
 modules, or whose backward met them in another order, would stop lining up (DESIGN.md
 multi-rank rules).
+
+Training passes a `SequenceLayout` computed on the host from the CPU batch: the forward then
+gathers scored positions and scatters visual embeddings by index, and never reads a value back
+from the device (no `.item()`, `bool(tensor)`, boolean indexing or `nonzero`: on a GPU each one
+stalls the host until every queued kernel has finished, so the next micro-batch's kernels cannot
+be queued behind the running ones). Without one (generation, evaluation) it is computed from the
+tensors, wherever they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +66,53 @@ class VisualTokenIds:
 
     image: int
     frame: int
+
+
+@dataclass
+class SequenceLayout:
+    """Where a batch's supervised and visual positions are, as indices into its B*T flattened
+    positions (row-major), and which visual embeddings are regression targets. Every count the
+    forward needs is a tensor's length, which the host knows without asking the device."""
+
+    text_positions: torch.Tensor   # (n_text,) positions whose next token is supervised
+    text_labels: torch.Tensor      # (n_text,) those next tokens
+    image_positions: torch.Tensor  # (N_img * n,) the `<image>` positions, in embedding order
+    frame_positions: torch.Tensor  # (N_frame * n,) the `[gIMG]` positions, likewise
+    image_regressed: torch.Tensor  # rows of the flattened image embeddings that are regressed
+    frame_regressed: torch.Tensor  # rows of the flattened frame embeddings that are regressed
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, text_targets: torch.Tensor, token_ids: VisualTokenIds,
+           image_regress: torch.Tensor | None = None, frame_regress: torch.Tensor | None = None) -> SequenceLayout:
+        """The layout of a batch (EmuModel.forward's arguments of the same names). Run on CPU
+        tensors it costs no device sync (emu.train.lm_step does so in the data loader)."""
+        flat_ids = input_ids.reshape(-1)
+        flat_targets = text_targets.reshape(-1)
+        text_positions = (flat_targets != IGNORE).nonzero().reshape(-1)
+        image_positions = (flat_ids == token_ids.image).nonzero().reshape(-1)
+        frame_positions = (flat_ids == token_ids.frame).nonzero().reshape(-1)
+        return cls(text_positions=text_positions, text_labels=flat_targets[text_positions],
+                   image_positions=image_positions, frame_positions=frame_positions,
+                   image_regressed=_regressed_rows(image_positions, image_regress),
+                   frame_regressed=_regressed_rows(frame_positions, frame_regress))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SequenceLayout:
+        return SequenceLayout(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                 for f in fields(self)})
+
+    def pin_memory(self) -> SequenceLayout:
+        return SequenceLayout(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+
+def _regressed_rows(positions: torch.Tensor, regress: torch.Tensor | None) -> torch.Tensor:
+    """Rows of the flattened (N * n, D) visual embeddings whose item is regressed: each of the N
+    items has n = len(positions) / N consecutive rows."""
+    if regress is None or len(regress) == 0:
+        return positions.new_zeros(0)
+    per_item = len(positions) // len(regress)
+    if per_item * len(regress) != len(positions):
+        raise ValueError(f"{len(positions)} visual placeholders do not split into {len(regress)} equal blocks")
+    return regress.to(torch.bool).repeat_interleave(per_item).nonzero().reshape(-1)
 
 
 @dataclass
@@ -213,23 +267,30 @@ class EmuModel(nn.Module):
     # ---- sequence embedding ----------------------------------------------------------------
 
     def embed(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              frame_embeds: torch.Tensor | None = None, filler: torch.Tensor | None = None) -> torch.Tensor:
+              frame_embeds: torch.Tensor | None = None, filler: torch.Tensor | None = None,
+              layout: SequenceLayout | None = None) -> torch.Tensor:
         """Token embeddings with each `<image>` / `[gIMG]` position replaced, in row-major order,
         by project_up of the next visual embedding (official emu.py fills them the same way).
         project_up runs exactly once: without visual embeddings, on `filler` (a blank image's
-        embeddings) or one zero row, added with weight 0 (module docstring)."""
+        embeddings) or one zero row, added with weight 0 (module docstring). The positions come
+        from `layout` when given (no device sync), else from the ids."""
         embeds = self.lm.get_input_embeddings()(input_ids_BT)
-        kinds = [(self.token_ids.image, image_embeds), (self.token_ids.frame, frame_embeds)]
-        masks, flat = [], []
-        for token_id, visual in kinds:
-            mask = input_ids_BT == token_id
-            count = int(mask.sum())
+        if layout is None:
+            flat_ids = input_ids_BT.reshape(-1)
+            image_positions = (flat_ids == self.token_ids.image).nonzero().reshape(-1)
+            frame_positions = (flat_ids == self.token_ids.frame).nonzero().reshape(-1)
+        else:
+            image_positions, frame_positions = layout.image_positions, layout.frame_positions
+        kinds = [(self.token_ids.image, image_positions, image_embeds),
+                 (self.token_ids.frame, frame_positions, frame_embeds)]
+        positions, flat = [], []
+        for token_id, where, visual in kinds:
             given = 0 if visual is None else visual.shape[0] * visual.shape[1]
-            if count != given:
-                raise ValueError(f"the sequence has {count} visual placeholders (token {token_id}) but "
+            if len(where) != given:
+                raise ValueError(f"the sequence has {len(where)} visual placeholders (token {token_id}) but "
                                  f"{given} visual embeddings were given")
-            if count:
-                masks.append(mask)
+            if given:
+                positions.append(where)
                 flat.append(visual.reshape(-1, visual.shape[-1]))
         dtype = self.project_up.weight.dtype
         if not flat:
@@ -238,17 +299,15 @@ class EmuModel(nn.Module):
             up = self.project_up(filler.reshape(-1, filler.shape[-1]).to(dtype))
             return embeds + up.sum().to(embeds.dtype) * 0.0
         up = self.project_up(torch.cat(flat).to(dtype)).to(embeds.dtype)
-        start = 0
-        for mask, visual in zip(masks, flat):
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), up[start:start + visual.shape[0]])
-            start += visual.shape[0]
-        return embeds
+        batch, length, width = embeds.shape
+        return embeds.reshape(-1, width).index_copy(0, torch.cat(positions), up).reshape(batch, length, width)
 
     def hidden_states(self, input_ids_BT: torch.Tensor, image_embeds: torch.Tensor | None = None,
                       frame_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, filler: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, filler: torch.Tensor | None = None,
+                      layout: SequenceLayout | None = None) -> torch.Tensor:
         """Final (normed) hidden states of the LM body, (B, T, H)."""
-        embeds = self.embed(input_ids_BT, image_embeds, frame_embeds, filler)
+        embeds = self.embed(input_ids_BT, image_embeds, frame_embeds, filler, layout)
         out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -260,7 +319,8 @@ class EmuModel(nn.Module):
                 images: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                 frames: torch.Tensor | None = None, frame_embeds: torch.Tensor | None = None,
                 image_regress: torch.Tensor | None = None, frame_regress: torch.Tensor | None = None,
-                text_weight: float = 1.0, image_weight: float = 1.0, encode_blank: bool = False) -> EmuOutput:
+                text_weight: float = 1.0, image_weight: float = 1.0, encode_blank: bool = False,
+                layout: SequenceLayout | None = None) -> EmuOutput:
         """The unified loss of the module docstring.
 
         input_ids (B, T); text_targets (B, T): the token h_t must predict, or IGNORE.
@@ -269,7 +329,11 @@ class EmuModel(nn.Module):
         video frames. image_regress / frame_regress (N,) bool: whether each image's embeddings
         are regression targets (default: none are). encode_blank: run the encoder on one blank
         image when no pixels are given (a trainer that encodes online sets it, module docstring).
+        layout: the batch's SequenceLayout, computed on the host (no device sync); by default it is
+        computed here from the tensors.
         """
+        if layout is None:
+            layout = SequenceLayout.of(input_ids, text_targets, self.token_ids, image_regress, frame_regress)
         filler = None
         pending = [(pixels, side) for pixels, embeds, side in (
             (images, image_embeds, self.config.image_tokens_side), (frames, frame_embeds, self.config.video_tokens_side))
@@ -284,34 +348,34 @@ class EmuModel(nn.Module):
             size = self.visual.config.image_size
             blank = torch.zeros(1, 3, size, size, device=input_ids.device)  # cast by the encoder
             filler = self._encode([(blank, self.config.image_tokens_side)])[0]
-        hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids, filler)
+        hidden = self.hidden_states(input_ids, image_embeds, frame_embeds, attention_mask, position_ids, filler,
+                                    layout)
 
-        supervised = text_targets != IGNORE
-        n_text = int(supervised.sum())
-        scored = hidden[supervised] if n_text else hidden.reshape(-1, hidden.shape[-1])[:1]
-        logits = self.lm.get_output_embeddings()(scored)  # only where scored: saves memory
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        n_text = len(layout.text_positions)
+        # Only scored positions reach lm_head: saves the (B*T, vocab) logits' memory.
+        scored = flat_hidden.index_select(0, layout.text_positions) if n_text else flat_hidden[:1]
+        logits = self.lm.get_output_embeddings()(scored)
         if n_text:
-            text_loss = F.cross_entropy(logits.float(), text_targets[supervised])
+            text_loss = F.cross_entropy(logits.float(), layout.text_labels)
         else:
             text_loss = logits.float().sum() * 0.0
 
         predictions, targets = [], []
-        for token_id, visual, regress in ((self.token_ids.image, image_embeds, image_regress),
-                                          (self.token_ids.frame, frame_embeds, frame_regress)):
-            if visual is None or regress is None or not bool(regress.any()):
+        for positions, regressed, visual in ((layout.image_positions, layout.image_regressed, image_embeds),
+                                             (layout.frame_positions, layout.frame_regressed, frame_embeds)):
+            if visual is None or not len(regressed):
                 continue
-            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)  # row-major = embedding order
-            per_token = regress.to(torch.bool).repeat_interleave(visual.shape[1])
             # h at the position before each visual embedding predicts it ([IMG] precedes the first).
-            predictions.append(hidden[rows[per_token], cols[per_token] - 1])
-            targets.append(visual.reshape(-1, visual.shape[-1])[per_token])
+            predictions.append(flat_hidden.index_select(0, positions.index_select(0, regressed) - 1))
+            targets.append(visual.reshape(-1, visual.shape[-1]).index_select(0, regressed))
         if predictions:
             predicted = self.project_down(torch.cat(predictions))
             target = torch.cat(targets).detach().to(predicted.dtype)
             image_loss = F.mse_loss(predicted.float(), target.float())
             n_image = predicted.shape[0]
         else:
-            image_loss = self.project_down(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum() * 0.0
+            image_loss = self.project_down(flat_hidden[:1]).float().sum() * 0.0
             n_image = 0
         loss = text_weight * text_loss + image_weight * image_loss
         return EmuOutput(loss=loss, text_loss=text_loss, image_loss=image_loss,

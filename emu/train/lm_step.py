@@ -6,8 +6,10 @@ samples -> token sequences (emu.data.sequence, stage rules) -> packed rows (emu.
 Two halves: `LMBatcher.prepare` does everything up to CPU tensors (tokenising, packing, image
 decoding and resizing, precomputed-embedding lookups) and runs in the data loader's workers
 (emu.train.loader), off the training thread; `LMStep` moves a prepared step to the device and
-runs it. The batcher counts each micro-batch's targets on the host, so weighting them needs no
-device sync (the model's forward still syncs to index its scored positions).
+runs it. The batcher also finds, on the host, each micro-batch's supervised and visual positions
+(emu.model.emu.SequenceLayout), so neither weighting the micro-batches nor the model's forward
+reads anything back from the device: the only syncs are the step's collectives and its logged
+losses, once per step.
 
 Each micro-batch's loss is weighted by its share of the whole step's targets, summed over all
 ranks: text CE by (its text targets / all text targets), image MSE by (its regressed embeddings /
@@ -39,7 +41,8 @@ from emu.data.packing import Batch, collate, pack
 from emu.data.schema import Pair, Sample
 from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
 from emu.model.config import VisionConfig
-from emu.model.emu import IGNORE
+from emu.data.tokenizer import GIMG, IMAGE
+from emu.model.emu import IGNORE, SequenceLayout, VisualTokenIds
 from emu.model.vision import resize_images
 from emu.train.engine import Engine, all_reduce_max, all_reduce_sum
 from emu.train.metrics import FlopModel
@@ -67,11 +70,20 @@ def limit_frames(sample: Sample, frames: int) -> Sample:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch: EmuModel.forward's tensor inputs on the CPU, and its target counts."""
+    """One micro-batch: EmuModel.forward's tensor inputs on the CPU, and where its targets are."""
 
     inputs: dict[str, torch.Tensor]
-    text_targets: int   # supervised text targets
-    image_targets: int  # regressed visual embeddings
+    layout: SequenceLayout
+
+    @property
+    def text_targets(self) -> int:
+        """Supervised text targets."""
+        return len(self.layout.text_positions)
+
+    @property
+    def image_targets(self) -> int:
+        """Regressed visual embeddings."""
+        return len(self.layout.image_regressed) + len(self.layout.frame_regressed)
 
 
 @dataclass
@@ -93,6 +105,7 @@ class PreparedStep:
         GPU then runs asynchronously."""
         for micro in self.micro:
             micro.inputs = {k: v.pin_memory() for k, v in micro.inputs.items()}
+            micro.layout = micro.layout.pin_memory()
         return self
 
 
@@ -100,14 +113,15 @@ class LMBatcher:
     """The CPU half of an LM step (module docstring). Holds no model: it runs in loader workers."""
 
     def __init__(self, builder: SequenceBuilder, *, max_len: int, packing: bool, micro_rows: int, pad_id: int,
-                 seed: int, vision: VisionConfig, image_tokens: int, frame_tokens: int, attn_implementation: str,
+                 seed: int, vision: VisionConfig, attn_implementation: str,
                  mask_dtype: torch.dtype, image_size: Callable[[int], int] | None = None,
                  video_frames: int | None = None, embeddings: EmbeddingLookup | None = None):
         self.builder = builder
+        self.token_ids = VisualTokenIds(image=builder.tokenizer.convert_tokens_to_ids(IMAGE),
+                                        frame=builder.tokenizer.convert_tokens_to_ids(GIMG))
         self.max_len, self.packing, self.micro_rows, self.pad_id = max_len, packing, micro_rows, pad_id
         self.seed = seed
         self.vision = vision
-        self.image_tokens, self.frame_tokens = image_tokens, frame_tokens
         self.attn_implementation, self.mask_dtype = attn_implementation, mask_dtype
         self.image_size = image_size or (lambda step: vision.image_size)
         self.video_frames = video_frames
@@ -142,8 +156,7 @@ class LMBatcher:
             truncated=sum(self.builder.truncated.values()) - truncated, keys=[s.key for s in samples])
 
     def micro_batch(self, batch: Batch, image_size: int) -> MicroBatch:
-        inputs = {"input_ids": batch.input_ids, "text_targets": batch.targets, "position_ids": batch.position_ids,
-                  "image_regress": batch.image_regress, "frame_regress": batch.frame_regress}
+        inputs = {"input_ids": batch.input_ids, "text_targets": batch.targets, "position_ids": batch.position_ids}
         mask = batch.attention_mask_for(self.attn_implementation, self.mask_dtype)
         if mask is not None:  # none for flex_attention: the position ids carry the packing
             inputs["attention_mask"] = mask
@@ -154,9 +167,9 @@ class LMBatcher:
                 inputs[f"{kind}_embeds"] = self.embeddings(slots, kind)
             else:
                 inputs["images" if kind == "image" else "frames"] = self.pixels(slots, image_size)
-        regressed = (int(batch.image_regress.sum()) * self.image_tokens
-                     + int(batch.frame_regress.sum()) * self.frame_tokens)
-        return MicroBatch(inputs=inputs, text_targets=int((batch.targets != IGNORE).sum()), image_targets=regressed)
+        layout = SequenceLayout.of(batch.input_ids, batch.targets, self.token_ids, batch.image_regress,
+                                   batch.frame_regress)
+        return MicroBatch(inputs=inputs, layout=layout)
 
     def pixels(self, slots: list[VisualSlot], image_size: int | None = None) -> torch.Tensor:
         """uint8 pixels of the slots' images at `image_size` (default: the encoder's); EmuModel
@@ -197,7 +210,8 @@ class LMStep:
         text_sum = torch.zeros((), dtype=torch.float64, device=device)
         image_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro in prepared.micro + [self.batcher.blank() for _ in range(blanks)]:
-            out = self.engine.engine(**self._to_device(micro), encode_blank=self.encode_blank)
+            out = self.engine.engine(**self._to_device(micro), encode_blank=self.encode_blank,
+                                     layout=micro.layout.to(device, non_blocking=True))
             # Parts without targets (anywhere, or in this micro-batch) enter with weight 0: their
             # modules still ran and must still send (zero) gradients.
             text_scale = self.weights.text * micro.text_targets * self.world / n_text if n_text else 0.0

@@ -140,8 +140,7 @@ def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, 
     """The stage's LM step: its CPU half (LMBatcher, run by the data loader) and device half."""
     batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=sequence.max_len, packing=sequence.packing,
                         micro_rows=runtime.micro_batch_size, pad_id=tokenizer.pad_token_id, seed=runtime.seed,
-                        vision=model.visual.config, image_tokens=rules.image_tokens, frame_tokens=rules.frame_tokens,
-                        attn_implementation=_set_attention(model, runtime),
+                        vision=model.visual.config, attn_implementation=_set_attention(model, runtime),
                         mask_dtype=model.project_up.weight.dtype, image_size=image_size,
                         video_frames=video_frames, embeddings=_embedding_lookup(precomputed, model))
     return LMStep(engine=engine, batcher=batcher, world=world, weights=weights,

@@ -254,8 +254,8 @@ def test_lm_loss_is_the_same_with_precomputed_and_online_embeddings(world, first
     model.eval()
     rules = SequenceRules(mode="pretrain", image_tokens=4, frame_tokens=4, max_len=256)
     batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=256, packing=True, micro_rows=4,
-                        pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config, image_tokens=4,
-                        frame_tokens=4, attn_implementation=model.config.lm.attn_implementation,
+                        pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config,
+                        attn_implementation=model.config.lm.attn_implementation,
                         mask_dtype=torch.float32,
                         video_frames=2)  # frames subsampled: slot indices are no longer shard indices
     samples = [s for folder in ("pairs", "video") for s in iter_samples(world.root / "data" / folder)]
@@ -265,12 +265,14 @@ def test_lm_loss_is_the_same_with_precomputed_and_online_embeddings(world, first
     size = model.visual.config.image_size
     for batch in batches:
         batcher.embeddings = None
-        online = batcher.micro_batch(batch, size).inputs
+        online = batcher.micro_batch(batch, size)
         batcher.embeddings = lookup
-        precomputed = batcher.micro_batch(batch, size).inputs
-        assert "images" in online and "image_embeds" in precomputed and "images" not in precomputed
+        precomputed = batcher.micro_batch(batch, size)
+        assert "images" in online.inputs and "image_embeds" in precomputed.inputs
+        assert "images" not in precomputed.inputs
         with torch.no_grad():
-            a, b = model(**online), model(**precomputed)
+            a = model(**online.inputs, layout=online.layout)
+            b = model(**precomputed.inputs, layout=precomputed.layout)
         assert a.image_targets > 0 and a.image_targets == b.image_targets
         for name in ("loss", "text_loss", "image_loss"):
             torch.testing.assert_close(getattr(b, name), getattr(a, name))

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from emu.data.packing import Batch, collate, pack, unpacked
 from emu.data.schema import Box, Chat, Gen, Grounded, Interleaved, Pair, Phrase, Segment, TextOnly, Turn, VideoText
@@ -12,7 +13,7 @@ from emu.data.sequence import DEFAULT_SYSTEM_MESSAGES, IGNORE, SequenceBuilder, 
 from emu.data.synth import world
 from emu.data.tokenizer import train_tokenizer
 from emu.model.config import EmuConfig, LMConfig
-from emu.model.emu import EmuModel
+from emu.model.emu import EmuModel, SequenceLayout
 
 MAX_LEN = 160
 
@@ -276,3 +277,52 @@ def test_flex_attention_without_a_dense_mask_equals_the_dense_reference(tok, seq
     plain = dense(**model_inputs(unpacked(sequences, tok.pad_token_id), embeddings, dense))
     assert_close(packed.text_loss, plain.text_loss)
     assert_close(packed.image_loss, plain.image_loss)
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: reading a value back
+    (`.item()`, `bool()`, `int()`), and what needs a result's size before it can be allocated
+    (`nonzero`, boolean indexing, `masked_select` / `masked_scatter`)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero", "aten.masked_select",
+               "aten.masked_scatter")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a)
+            for a in args)
+        if bool_index or name.startswith(self.SYNCING):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_forward_and_backward_never_read_from_the_device(tok, sequences):
+    """With the layout computed on the host (what LMBatcher ships), a packed micro-batch's forward
+    and backward queue kernels without waiting for any: the dispatcher sees no op that syncs.
+    The same batch without a layout does sync, which shows the probe sees what it looks for.
+    (sdpa with the dense mask: torch.compile, which flex_attention needs, refuses dispatch modes;
+    scripts/gpu-check runs the flex path under torch.cuda.set_sync_debug_mode.)"""
+    torch.manual_seed(0)
+    model = EmuModel.build(EmuConfig(lm=LMConfig(attn_implementation="sdpa")), tok)
+    batch = collate(pack(sequences, MAX_LEN), tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    visuals = {(v.key, v.index, v.kind): torch.randn(model.config.tokens_per_image(), model.config.visual_dim,
+                                                    generator=g) for s in sequences for v in s.visuals}
+    inputs = model_inputs(batch, visuals, model)
+    layout = SequenceLayout.of(batch.input_ids, batch.targets, model.token_ids, batch.image_regress,
+                               batch.frame_regress)
+    reference = model(**inputs)
+    with _DeviceReads() as probe:
+        out = model(**inputs, layout=layout)
+        out.loss.backward()
+    assert probe.ops == []
+    assert (out.text_targets, out.image_targets) == (reference.text_targets, reference.image_targets) != (0, 0)
+    assert_close(out.loss, reference.loss)
+    with _DeviceReads() as probe:
+        model(**inputs)
+    assert "aten.nonzero.default" in probe.ops
