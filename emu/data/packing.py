@@ -4,11 +4,21 @@ Several short sequences share one row of the batch instead of each being padded 
 less compute is spent on padding. Packing must not change what the model computes for any
 sequence, so a packed batch carries
 
-  * a block-diagonal causal attention mask (R, 1, L, L), True = may attend: a token sees only the
-    earlier tokens of its own sequence; a padding token sees only itself (no all-False row, which
-    would give NaN in softmax attention);
+  * which sequence each position belongs to, from which `Batch.attention_mask` builds the
+    block-diagonal causal mask (R, 1, L, L), True = may attend, when an attention kernel needs
+    one: a token sees only the earlier tokens of its own sequence; a padding token sees only
+    itself (no all-False row, which would give NaN in softmax attention). It is built on demand:
+    a varlen micro-batch for flex_attention never needs it, and shipping L x L booleans from the
+    loader's workers would cost more than the row itself;
   * position ids that restart at 0 for each sequence (rotary embeddings see the same positions as
     for the sequence alone).
+
+Two layouts (emu.train.lm_step picks by attention kernel): rows of `max_len` tokens, several
+rows per micro-batch, padded to the longest (sdpa / eager, whose dense mask grows with L^2); or
+one varlen row per micro-batch holding up to the whole micro-batch's token budget (flex_attention,
+which computes only each sequence's own blocks): no padding at all. Either may also cap the
+images and frames per micro-batch (`max_visuals`): with the encoder training online, their
+count, not the tokens, bounds its activation memory.
 
 Sequences are never cut (an image block `[IMG] <image> x n [/IMG]` always stays whole, and
 each sequence's last target is IGNORE, so no target crosses into the next sequence). Hugging Face
@@ -27,8 +37,10 @@ import torch
 from emu.data.sequence import IGNORE, TokenSequence, VisualSlot
 
 
-def pack(sequences: list[TokenSequence], max_len: int) -> list[list[TokenSequence]]:
-    """Rows of whole sequences, each row at most `max_len` tokens: first-fit decreasing.
+def pack(sequences: list[TokenSequence], max_len: int, max_visuals: int = 0) -> list[list[TokenSequence]]:
+    """Rows of whole sequences, each row at most `max_len` tokens and, when `max_visuals` > 0, at
+    most that many images and frames (a sequence holding more gets a row of its own): first-fit
+    decreasing.
 
     Sequences are placed longest first (ties in the given order) into the first row with room,
     which fills rows well (at worst 11/9 OPT + 6/9 rows, Dósa 2007). Deterministic: the same input
@@ -43,17 +55,36 @@ def pack(sequences: list[TokenSequence], max_len: int) -> list[list[TokenSequenc
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # stable: ties keep input order
     rows: list[list[int]] = []
     room: list[int] = []
+    visual_room: list[int] = []
     for i in order:
-        n = len(sequences[i])
+        n, v = len(sequences[i]), len(sequences[i].visuals) if max_visuals else 0
         for r, free in enumerate(room):
-            if n <= free:
+            if n <= free and v <= visual_room[r]:
                 rows[r].append(i)
                 room[r] -= n
+                visual_room[r] -= v
                 break
         else:
             rows.append([i])
             room.append(max_len - n)
+            visual_room.append(max_visuals - v)  # negative when alone over the cap: nothing joins it
     return [[sequences[i] for i in sorted(row)] for row in rows]
+
+
+def micro_batches(rows: list[list[TokenSequence]], max_rows: int, max_visuals: int = 0) -> list[list[list[TokenSequence]]]:
+    """Consecutive rows grouped into micro-batches of at most `max_rows` rows and, when
+    `max_visuals` > 0, at most that many images and frames (a row over it alone)."""
+    groups: list[list[list[TokenSequence]]] = []
+    visuals = 0
+    for row in rows:
+        count = sum(len(s.visuals) for s in row)
+        if groups and len(groups[-1]) < max_rows and (not max_visuals or visuals + count <= max_visuals):
+            groups[-1].append(row)
+            visuals += count
+        else:
+            groups.append([row])
+            visuals = count
+    return groups
 
 
 @dataclass
@@ -64,7 +95,7 @@ class Batch:
     input_ids: torch.Tensor         # (R, L) long; padding = pad_id
     targets: torch.Tensor           # (R, L) long; the token h_t must predict, or IGNORE
     position_ids: torch.Tensor      # (R, L) long; 0.. per sequence, 0 on padding
-    attention_mask: torch.Tensor    # (R, 1, L, L) bool; block-diagonal causal, True = attend
+    segments: torch.Tensor          # (R, L) long; sequence number within the row; padding: one each
     image_slots: list[VisualSlot]   # one per `<image>` block
     frame_slots: list[VisualSlot]   # one per `[gIMG]` block (video frames)
     image_regress: torch.Tensor     # (N_img,) bool
@@ -72,6 +103,13 @@ class Batch:
     real_tokens: int                # tokens of sequences
     padding_tokens: int             # R * L - real_tokens
     keys: list[list[str]]           # sample key of each sequence, per row (for logs and lineage)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(R, 1, L, L) bool, block-diagonal causal, True = attend (module docstring)."""
+        length = self.segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.segments.device).tril()
+        return ((self.segments[:, :, None] == self.segments[:, None, :]) & causal).unsqueeze(1)
 
     def padding_fraction(self) -> float:
         total = self.real_tokens + self.padding_tokens
@@ -132,14 +170,12 @@ def collate(rows: list[list[TokenSequence]], pad_id: int, length: int | None = N
             position_ids[r, start:end] = torch.arange(len(s), dtype=torch.long)
             owner[r, start:end] = k
             start = end
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    attention_mask = ((owner[:, :, None] == owner[:, None, :]) & causal).unsqueeze(1)
     visuals = [v for row in rows for s in row for v in s.visuals]
     image_slots = [v for v in visuals if v.kind == "image"]
     frame_slots = [v for v in visuals if v.kind == "frame"]
     real = sum(row_lengths)
     return Batch(
-        input_ids=input_ids, targets=targets, position_ids=position_ids, attention_mask=attention_mask,
+        input_ids=input_ids, targets=targets, position_ids=position_ids, segments=owner,
         image_slots=image_slots, frame_slots=frame_slots,
         image_regress=torch.tensor([v.regress for v in image_slots], dtype=torch.bool),
         frame_regress=torch.tensor([v.regress for v in frame_slots], dtype=torch.bool),

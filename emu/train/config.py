@@ -69,6 +69,10 @@ class RuntimeConfig:
     #: partitions every parameter (the multi-rank tests use it, so every gather must line up).
     zero3_persistence_threshold: int = 100_000
     micro_batch_size: int = 4  # packed rows per forward/backward; a step accumulates as many as it needs
+    #: Images and video frames per micro-batch at most (0: no cap). With the encoder running
+    #: online (stage 1), their count bounds its activation memory whatever the token count;
+    #: a row or sequence holding more still runs, alone (emu.data.packing).
+    micro_batch_images: int = 0
     gradient_checkpointing: bool = False
     #: torch.compile each LM decoder layer and encoder block (torchtitan's per-block compile:
     #: small graphs, compiled once, reused by every layer of the same shape). Off by default:
@@ -77,8 +81,10 @@ class RuntimeConfig:
     #: Attention over packed rows. sdpa / eager: a dense (rows, 1, L, L) block-diagonal mask
     #: (the reference; it keeps SDPA off its flash kernel). flex_attention: no dense mask;
     #: transformers derives a block mask from the position ids (which restart at each packed
-    #: sequence) and skips the blocks it masks out. CUDA only (FlexAttention has no backward on
-    #: CPU); exact on CPU in forward (tested), not yet measured on a GPU, hence not the default.
+    #: sequence) and skips the blocks it masks out; a packed micro-batch is then one varlen row
+    #: of up to micro_batch_size x max_len tokens, with no padding (emu.data.packing). CUDA only
+    #: (FlexAttention has no backward on CPU); exact on CPU in forward (tested), not yet measured
+    #: on a GPU, hence not the default.
     attention: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on SIGTERM)
     keep_checkpoints: int = 2
@@ -102,6 +108,8 @@ class RuntimeConfig:
         for name in ("micro_batch_size", "keep_checkpoints", "log_every", "loader_prefetch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_images < 0:
+            raise ConfigError(f"runtime.micro_batch_images must be >= 0 (0 = no cap), got {self.micro_batch_images}")
         if self.zero3_persistence_threshold < 0:
             raise ConfigError(f"runtime.zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}")
         if self.checkpoint_every < 0:

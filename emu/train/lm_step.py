@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from emu.data.packing import Batch, collate, pack
+from emu.data.packing import Batch, collate, micro_batches, pack
 from emu.data.schema import Pair, Sample
 from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
 from emu.model.config import VisionConfig
@@ -115,7 +115,8 @@ class LMBatcher:
     def __init__(self, builder: SequenceBuilder, *, max_len: int, packing: bool, micro_rows: int, pad_id: int,
                  seed: int, vision: VisionConfig, attn_implementation: str,
                  mask_dtype: torch.dtype, image_size: Callable[[int], int] | None = None,
-                 video_frames: int | None = None, embeddings: EmbeddingLookup | None = None):
+                 video_frames: int | None = None, embeddings: EmbeddingLookup | None = None,
+                 max_visuals: int = 0):
         self.builder = builder
         self.token_ids = VisualTokenIds(image=builder.tokenizer.convert_tokens_to_ids(IMAGE),
                                         frame=builder.tokenizer.convert_tokens_to_ids(GIMG))
@@ -126,6 +127,8 @@ class LMBatcher:
         self.image_size = image_size or (lambda step: vision.image_size)
         self.video_frames = video_frames
         self.embeddings = embeddings
+        #: Images and frames per micro-batch at most (0: no cap): the encoder's batch (packing).
+        self.max_visuals = max_visuals
 
     def sequences(self, samples: list[Sample], step: int) -> list[TokenSequence]:
         """The step's sequences; each sample's rng depends only on (seed, step, where the sample
@@ -137,11 +140,16 @@ class LMBatcher:
             sample, random.Random(f"{self.seed}:{step}:{sample.source}:{sample.key}"))]
 
     def batches(self, samples: list[Sample], step: int) -> tuple[list[Batch], list[int]]:
-        """Micro-batches of packed (or one-per-row) sequences, and the sequence lengths."""
+        """Micro-batches of packed (or one-per-row) sequences, and the sequence lengths. Packed for
+        flex_attention, a micro-batch is one varlen row of up to micro_rows x max_len tokens:
+        the same token budget as micro_rows rows, without their padding (emu.data.packing)."""
         sequences = self.sequences(samples, step)
-        rows = pack(sequences, self.max_len) if self.packing else [[s] for s in sequences]
-        batches = [collate(rows[i:i + self.micro_rows], self.pad_id) for i in range(0, len(rows), self.micro_rows)]
-        return batches, [len(s.ids) for s in sequences]
+        if self.packing and self.attn_implementation == "flex_attention":
+            groups = [[row] for row in pack(sequences, self.micro_rows * self.max_len, self.max_visuals)]
+        else:
+            rows = pack(sequences, self.max_len, self.max_visuals) if self.packing else [[s] for s in sequences]
+            groups = micro_batches(rows, self.micro_rows, self.max_visuals)
+        return [collate(group, self.pad_id) for group in groups], [len(s.ids) for s in sequences]
 
     def prepare(self, samples: list[Sample], step: int) -> PreparedStep:
         skipped, truncated = self.builder.skipped["too_long"], sum(self.builder.truncated.values())

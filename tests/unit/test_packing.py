@@ -7,9 +7,10 @@ import torch
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from emu.data.packing import Batch, collate, pack, unpacked
+from emu.data.packing import Batch, collate, micro_batches, pack, unpacked
 from emu.data.schema import Box, Chat, Gen, Grounded, Interleaved, Pair, Phrase, Segment, TextOnly, Turn, VideoText
-from emu.data.sequence import DEFAULT_SYSTEM_MESSAGES, IGNORE, SequenceBuilder, SequenceRules, TokenSequence
+from emu.data.sequence import (DEFAULT_SYSTEM_MESSAGES, IGNORE, SequenceBuilder, SequenceRules, TokenSequence,
+                               VisualSlot)
 from emu.data.synth import world
 from emu.data.tokenizer import train_tokenizer
 from emu.model.config import EmuConfig, LMConfig
@@ -131,6 +132,24 @@ def test_pack_rows_fit_and_hold_every_sequence_exactly_once(sequences):
     assert len(rows) <= 11 / 9 * (sum(lengths) / 128) + 1  # FFD's worst-case bound against the volume bound
 
 
+def with_visuals(key: str, n: int, visuals: int) -> TokenSequence:
+    seq = fake(key, n)
+    seq.visuals = [VisualSlot(kind="image", key=key, index=i, data=b"", regress=False) for i in range(visuals)]
+    return seq
+
+
+def test_pack_and_micro_batches_keep_to_the_visual_budget():
+    """At most `max_visuals` images per row (and per micro-batch of rows); a sequence holding more
+    is placed alone rather than refused; no cap packs by tokens only."""
+    seqs = [with_visuals(k, 2, v) for k, v in zip("abcdef", (1, 2, 1, 5, 0, 2))]
+    rows = pack(seqs, 100, max_visuals=3)
+    assert [[s.key for s in row] for row in rows] == [["a", "b", "e"], ["c", "f"], ["d"]]
+    assert len(pack(seqs, 100)) == 1
+    groups = micro_batches(rows, max_rows=2, max_visuals=3)
+    assert [[[s.key for s in row] for row in group] for group in groups] == [[["a", "b", "e"]], [["c", "f"]], [["d"]]]
+    assert len(micro_batches(rows, max_rows=2)) == 2
+
+
 def test_pack_rejects_a_sequence_longer_than_a_row():
     with pytest.raises(ValueError, match="'long'.*9 tokens, longer than the row length 8"):
         pack([fake("a", 3), fake("long", 9)], 8)
@@ -164,7 +183,7 @@ def test_collate_lays_out_rows_with_restarting_positions_and_block_diagonal_mask
 
 def test_attention_mask_for_each_attention_implementation():
     batch = collate([[fake("a", 2), fake("b", 1)]], pad_id=0, length=4)
-    assert batch.attention_mask_for("sdpa") is batch.attention_mask
+    assert torch.equal(batch.attention_mask_for("sdpa"), batch.attention_mask)
     bias = batch.attention_mask_for("eager", torch.bfloat16)
     assert bias.dtype == torch.bfloat16 and bias.shape == (1, 1, 4, 4)
     assert torch.equal(bias == 0, batch.attention_mask)
@@ -277,6 +296,16 @@ def test_flex_attention_without_a_dense_mask_equals_the_dense_reference(tok, seq
     plain = dense(**model_inputs(unpacked(sequences, tok.pad_token_id), embeddings, dense))
     assert_close(packed.text_loss, plain.text_loss)
     assert_close(packed.image_loss, plain.image_loss)
+    # varlen rows (what LMBatcher makes for flex_attention): no padding, the same losses. Compiled
+    # for each length: inductor's CPU flex kernel for dynamic shapes fails to compile (torch 2.13).
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for row in pack(sequences, 2 * MAX_LEN):
+            varlen_row = collate([row], tok.pad_token_id)
+            assert varlen_row.padding_tokens == 0
+            one_row = flex(**{**model_inputs(varlen_row, embeddings, flex), "attention_mask": None})
+            alone = dense(**model_inputs(unpacked(row, tok.pad_token_id), embeddings, dense))
+            assert_close(one_row.text_loss, alone.text_loss)
+            assert_close(one_row.image_loss, alone.image_loss)
 
 
 class _DeviceReads(TorchDispatchMode):
