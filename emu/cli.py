@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from emu.errors import EmuError
+from emu.errors import EmuError, os_error_line
 from emu.artifacts.cli import artifacts_app
 from emu.dashboard.cli import dashboard_app
 from emu.lineage.cli import lineage_app
@@ -57,13 +57,33 @@ OverridesArgument = Annotated[Optional[list[str]], typer.Argument(
 EXIT_UNUSABLE = 2
 
 
+#: Commands that read or change runs: before they do, runs whose `emu run` is gone are recorded
+#: as failed (emu.pipeline.runstate), so that none of them shows a dead run as running.
+RUN_READERS = ("lineage", "schedule", "scheduler", "artifacts", "dashboard")
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(ctx: typer.Context,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     for noisy in ("great_expectations", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if ctx.invoked_subcommand in RUN_READERS:  # `emu run` reconciles itself, after its own checks
+        _reconcile_runs()
+
+
+def _reconcile_runs() -> None:
+    """End orphaned runs in the lineage store, if there is one to look at (never create it)."""
+    from emu.home import emu_home
+
+    if not os.environ.get("EMU_LINEAGE_URL") and not (emu_home() / "lineage.db").is_file():
+        return
+    from emu.lineage.store import LineageStore
+    from emu.pipeline.runstate import reconcile_quietly
+
+    reconcile_quietly(LineageStore(os.environ.get("EMU_LINEAGE_URL") or None))
 
 
 @data_app.command("synth")
@@ -430,11 +450,19 @@ def main() -> None:
     except EmuError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_UNUSABLE)
+    except OSError as exc:  # disk full, read-only, permission, --out is a file: the path and the cause
+        typer.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(EXIT_UNUSABLE)
+    except (OverflowError, MemoryError) as exc:  # a huge number in a setting
+        typer.echo(f"error: a setting is too large for this machine: {exc or type(exc).__name__}", err=True)
+        sys.exit(EXIT_UNUSABLE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a signal `emu run` turned into one (its signum)
+        sys.exit(128 + getattr(exc, "signum", 2))
     except typer.TyperException as exc:
         # Usage errors (missing option, unknown command, bad value). Typer vendors click, so these
         # are `typer._click` exceptions, not `click.ClickException`; all share TyperException.

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -53,6 +54,7 @@ from emu.errors import ConfigError, EmuError
 from emu.lineage import LineageError
 from emu.lineage.models import RUN_STATUSES, TRIGGERS
 from emu.lineage.store import LineageStore
+from emu.pipeline.runstate import cancel_quietly, reconcile_quietly
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "emu_session"
 #: Pages of active runs reload themselves this often (seconds): live status without JavaScript.
 REFRESH_SECONDS = 3
+#: Seconds between two checks for runs whose `emu run` is gone (emu.pipeline.runstate): a page
+#: of such a run would otherwise say running, and reload, for ever.
+RECONCILE_SECONDS = 5.0
 #: Content-Security-Policy of the app's pages: only its own stylesheet and images, no scripts.
 PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
             "frame-ancestors 'none'; base-uri 'none'")
@@ -97,6 +102,13 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         emu_home().mkdir(parents=True, exist_ok=True)
         store = LineageStore()  # EMU_LINEAGE_URL, else $EMU_HOME/lineage.db: where `emu run` records
     launcher = launcher or Launcher(config, store)
+    reconciled = [-RECONCILE_SECONDS]
+
+    def reconcile_runs() -> None:
+        now = time.monotonic()
+        if now - reconciled[0] >= RECONCILE_SECONDS:
+            reconciled[0] = now
+            reconcile_quietly(store)
     signer = SessionSigner(secret or os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32))
     throttle = LoginThrottle(config.max_failed_logins)
     lifetime = timedelta(hours=config.session_hours).total_seconds()
@@ -232,16 +244,16 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             return page(request, "login.html", 403, next=target, error="CSRF token missing or wrong: reload the page")
         # Failed logins are audited under the name tried (who tried to log in as whom is what a
         # reader of the audit log looks for); the password never is.
-        if throttle.blocked(name):
+        client = request.client.host if request.client else "?"
+        if not throttle.acquire(client, name):  # counted before the password is checked
             audit(name[:255] or "-", "auth.login", None, request, {"username": name}, "denied: too many failed logins")
             return page(request, "login.html", 429, next=target, error="too many failed logins; try again later")
         if not await run_in_threadpool(verify_password, password, config.users.get(name)):
-            throttle.failed(name)
             log.warning("failed dashboard login for %r from %s", name, request.client.host if request.client else "?")
             audit(name[:255] or "-", "auth.login", None, request, {"username": name},
                   "denied: wrong user name or password")
             return page(request, "login.html", 401, next=target, error="wrong user name or password")
-        throttle.succeeded(name)
+        throttle.succeeded(client, name)
         signer.revoke(request.state.session)  # a new session id and CSRF token at privilege change
         request.state.set_session = Session.new(name, lifetime)
         audit(name, "auth.login", None, request, {"username": name}, "ok")
@@ -271,6 +283,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
             raise HTTPException(400, f"status must be one of {', '.join(RUN_STATUSES)}")
         if trigger and trigger not in TRIGGERS:
             raise HTTPException(400, f"trigger must be one of {', '.join(TRIGGERS)}")
+        reconcile_runs()
         found = store.list_runs(status=status or None, trigger=trigger or None, limit=max(1, min(limit, 500)))
         rows = [views.run_row(store, r) for r in found]
         active = any(r["status"] in ("pending", "running") for r in rows)
@@ -279,6 +292,7 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
                     production=store.production())
 
     def run_or_404(run_id: str):
+        reconcile_runs()
         run = store.get_run(run_id)
         if run is None:
             raise HTTPException(404, f"no run {run_id!r}")
@@ -320,6 +334,25 @@ def create_app(config: DashboardConfig, *, store: LineageStore | None = None, la
         response = FileResponse(found)
         response.headers["Content-Security-Policy"] = FILE_CSP
         return response
+
+    @app.post("/runs/{run_id}/cancel")
+    async def cancel_run(request: Request, run_id: str):
+        """Stop a local run and its tasks (emu.pipeline.runstate.cancel, in the background: a
+        training stage may take a step to checkpoint); the page then shows it cancelled."""
+        try:
+            user, fields = await writer(request, "run.cancel", run_id)
+        except _Denied as exc:
+            return denied(request, exc)
+        run = run_or_404(run_id)
+        refusal = (f"run {run_id} has ended ({run.status})" if run.status not in ("pending", "running") else
+                   f"run {run_id} runs on a KFP cluster; cancel it there" if run.backend != "local" else None)
+        if refusal is not None:
+            audit(user, "run.cancel", run_id, request, fields, f"refused: {refusal}")
+            raise HTTPException(409, refusal)
+        threading.Thread(target=cancel_quietly, args=(store, run_id, user), daemon=True,
+                         name=f"cancel-{run_id}").start()
+        audit(user, "run.cancel", run_id, request, fields, "ok")
+        return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
     @app.post("/runs/{run_id}/promote")
     async def promote(request: Request, run_id: str):

@@ -19,6 +19,7 @@ import json
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -169,29 +170,47 @@ class SessionSigner:
 
 
 class LoginThrottle:
-    """At most `limit` failed logins per user name within `window_s`; then refuse until the window
-    has passed (slows password guessing; the PBKDF2 cost slows it further)."""
+    """At most `limit` login attempts per (client address, user name) within `window_s` unless one
+    succeeds; then that client is refused for that name until the window has passed.
 
-    def __init__(self, limit: int, window_s: float = 900.0) -> None:
-        self.limit, self.window_s = limit, window_s
-        self._failures: dict[str, list[float]] = {}
+    An attempt is counted (`acquire`) *before* its password is checked, in one step under a lock:
+    fifty concurrent guesses cannot all be checked against a limit of five. The key holds the
+    client address, so a guesser locks out itself, not the real user logging in from elsewhere
+    (per user name alone the throttle is a denial of service). At most `max_keys` keys are kept,
+    the least recently tried dropped first: a flood of made-up names cannot grow memory without
+    bound (a dropped key only forgets a few failures; the PBKDF2 cost still slows each guess).
+    """
+
+    def __init__(self, limit: int, window_s: float = 900.0, max_keys: int = 10_000) -> None:
+        self.limit, self.window_s, self.max_keys = limit, window_s, max_keys
+        self._attempts: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def blocked(self, user: str) -> bool:
+    def acquire(self, client: str, user: str) -> bool:
+        """Count an attempt of `client` for `user`; False (nothing counted) when it is over the limit."""
+        key = (client, user)
         with self._lock:
-            return len(self._recent(user)) >= self.limit
+            recent = self._recent(key)
+            if len(recent) >= self.limit:
+                self._attempts[key] = recent
+                return False
+            self._attempts[key] = recent + [time.monotonic()]
+            self._attempts.move_to_end(key)
+            while len(self._attempts) > self.max_keys:
+                self._attempts.popitem(last=False)
+            return True
 
-    def failed(self, user: str) -> None:
+    def succeeded(self, client: str, user: str) -> None:
+        """The password was right: this client's count for `user` starts again."""
         with self._lock:
-            self._failures[user] = self._recent(user) + [time.monotonic()]
+            self._attempts.pop((client, user), None)
 
-    def succeeded(self, user: str) -> None:
-        with self._lock:
-            self._failures.pop(user, None)
+    def __len__(self) -> int:
+        return len(self._attempts)
 
-    def _recent(self, user: str) -> list[float]:
+    def _recent(self, key: tuple[str, str]) -> list[float]:
         cutoff = time.monotonic() - self.window_s
-        return [t for t in self._failures.get(user, []) if t > cutoff]
+        return [t for t in self._attempts.get(key, []) if t > cutoff]
 
 
 # ---------------------------------------------------------------------- audit requests

@@ -67,8 +67,13 @@ class DashboardConfig:
     cookie_secure: bool = False
     #: Extra presets (YAML paths) offered on the retrain and schedule forms besides configs/*.yaml.
     presets: list[str] = field(default_factory=list)
-    #: Failed logins for one user name within 15 minutes after which further attempts are refused.
+    #: Failed logins from one client address for one user name within 15 minutes after which that
+    #: client's further attempts for that name are refused until the window passes (other clients,
+    #: the real user among them, can still log in).
     max_failed_logins: int = 5
+    #: Folders on this machine whose shard datasets a retrain may train on (a folder inside one of
+    #: them); none: retrains take only s3:// URIs and DVC md5s.
+    data_roots: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

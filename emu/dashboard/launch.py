@@ -79,11 +79,23 @@ class Launcher:
         data = request.data.strip()
         if data and not (data.startswith("s3://") or _MD5.fullmatch(data) or Path(data).is_dir()):
             raise ConfigError(f"data {data!r} is neither a shard folder on this machine, an s3:// URI nor a DVC md5")
+        if data and not (data.startswith("s3://") or _MD5.fullmatch(data)):
+            data = str(self._inside_data_roots(data))
         run = RunRequest(preset=presets[request.preset], source=data, overrides=list(request.overrides),
                          trigger="dashboard", host=self.config.kfp_host if self.config.backend == "kfp" else "")
         preset_path(run.preset)  # exists
         parameters(run)          # every override: known section and key, value of the right type
         return run
+
+    def _inside_data_roots(self, data: str) -> Path:
+        """The folder, resolved (symlinks and `..` followed), if it lies in one of the configured
+        data roots: a dashboard user must not make the server train on any folder it can read."""
+        folder = Path(data).resolve()
+        roots = [Path(root).expanduser().resolve() for root in self.config.data_roots]
+        if not any(folder == root or root in folder.parents for root in roots):
+            allowed = ", ".join(str(r) for r in roots) or "none configured (dashboard.data_roots)"
+            raise ConfigError(f"data {data!r} is outside the dashboard's data roots ({allowed})")
+        return folder
 
     def start(self, request: RetrainRequest, user: str) -> str:
         """Start the run; returns its lineage run id."""
@@ -99,7 +111,7 @@ class Launcher:
         recorded = self.store.create_run(trigger="dashboard", triggered_by=user, preset=run.preset, status="pending",
                                          parameters={"source": run.source, "overrides": list(run.overrides)})
         try:
-            process = launch_background(recorded.id, run.preset, run.source, run.overrides)
+            process = launch_background(recorded.id, run.preset, run.source, run.overrides, store=self.store)
         except Exception as exc:  # never leave a run pending that nothing will start
             self.store.update_run(recorded.id, status="failed", error=f"could not start `emu run`: {exc}")
             raise

@@ -8,6 +8,7 @@ and datetimes stored as UTC (`UTCDateTime`: aware in and out, whatever the backe
           │                     └─< metrics
           └─< metrics (run-level, execution_id NULL)
     schedules ─< runs.schedule_id          audit_log      lineage_meta (schema version)
+    run_owners (the process that drives a local run: host, pid, its start time, heartbeat)
     idempotency_keys (a write request's key -> what it created: a double submit starts one run)
 
 Tables are created with `create_all` on first use (emu.lineage.store). There are no migrations
@@ -29,12 +30,12 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "SCHEMA_VERSION", "RUN_STATUSES", "EXECUTION_STATUSES", "TERMINAL_STATUSES", "TRIGGERS", "BACKENDS",
     "ARTIFACT_TYPES", "DIRECTIONS", "Base", "Run", "StageExecution", "Artifact", "ArtifactLocation", "Edge",
-    "Metric", "Registration", "Schedule", "AuditEntry", "IdempotencyKey", "Meta", "utcnow",
+    "Metric", "Registration", "Schedule", "AuditEntry", "IdempotencyKey", "Meta", "RunOwner", "utcnow",
 ]
 
 #: Layout version written to lineage_meta; bump with every change a migration must handle.
 #: (A new table is not such a change: `create_all` adds it to an existing database, and older
-#: code ignores it. idempotency_keys was added that way, within version 1.)
+#: code ignores it. idempotency_keys and run_owners were added that way, within version 1.)
 SCHEMA_VERSION = 1
 
 RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -310,3 +311,23 @@ class IdempotencyKey(Base):
     #: What the first request produced (a run id); NULL while it is still being done.
     result: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunOwner(Base):
+    """The process that drives a local run (`emu run`): while it lives the run may say `running`;
+    when it is gone (pid missing or reused, or, on another host, no heartbeat) the next `emu`
+    command, the scheduler or the dashboard records the run as failed (emu.pipeline.runstate).
+    A table of its own, not columns of `runs`: `create_all` adds it to an existing database."""
+
+    __tablename__ = "run_owners"
+
+    run_id: Mapped[str] = mapped_column(String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: The process's start time (seconds since the epoch, as psutil reports it): a pid reused by
+    #: another process after the owner died has another start time.
+    pid_started: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Who asked for the run to be cancelled (`emu run cancel`, the dashboard); the owner's
+    #: heartbeat reads it and stops the run (how a cancel reaches an owner on another host).
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(128))

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -45,7 +46,7 @@ from emu.lineage import LineageError
 from emu.lineage.cron import parse_cron
 from emu.lineage.models import (ARTIFACT_TYPES, BACKENDS, DIRECTIONS, EXECUTION_STATUSES, RUN_STATUSES, SCHEMA_VERSION, TERMINAL_STATUSES,
                                 TRIGGERS, Artifact, ArtifactLocation, AuditEntry, Base, Edge, IdempotencyKey, Meta,
-                                Metric, Registration, Run, Schedule, StageExecution, utcnow)
+                                Metric, Registration, Run, RunOwner, Schedule, StageExecution, utcnow)
 
 __all__ = ["LineageStore", "default_url", "resolve_url", "config_md5", "new_run_id", "valid_md5"]
 
@@ -126,20 +127,29 @@ class LineageStore:
         at once. Called on first use."""
         if self._ready:
             return
-        try:
-            with self._writer.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CREATE_LOCK})
-                Base.metadata.create_all(conn)
-                version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
-                if version is None:
-                    conn.execute(Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-                elif int(version) > SCHEMA_VERSION:
-                    raise LineageError(f"lineage database {self!r} has schema version {version}, newer than this "
-                                       f"emu's {SCHEMA_VERSION}; upgrade emu (migrations are not implemented yet)")
-        except OperationalError as exc:
-            raise LineageError(f"cannot open lineage database {self!r}: {exc.orig}") from exc
+        for attempt in range(5):
+            try:
+                self._create_tables()
+                break
+            except OperationalError as exc:
+                # Processes opening a new SQLite file at once race for switching it to WAL, which
+                # SQLite answers with "locked" at once, without its busy timeout: try again.
+                if "locked" not in str(exc.orig) or attempt == 4:
+                    raise LineageError(f"cannot open lineage database {self!r}: {exc.orig}") from exc
+                time.sleep(0.2 * (attempt + 1))
         self._ready = True
+
+    def _create_tables(self) -> None:
+        with self._writer.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CREATE_LOCK})
+            Base.metadata.create_all(conn)
+            version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+            if version is None:
+                conn.execute(Meta.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version) > SCHEMA_VERSION:
+                raise LineageError(f"lineage database {self!r} has schema version {version}, newer than this "
+                                   f"emu's {SCHEMA_VERSION}; upgrade emu (migrations are not implemented yet)")
 
     @contextmanager
     def session(self, *, write: bool = False) -> Iterator[Session]:
@@ -260,6 +270,78 @@ class LineageStore:
             query = query.limit(limit)
         with self.session() as s:
             return list(s.scalars(query))
+
+    # ------------------------------------------------------------------ run owners
+
+    def claim_run(self, run_id: str, *, host: str, pid: int, pid_started: float) -> None:
+        """Record (or replace) the process that drives `run_id`, with a fresh heartbeat."""
+        with self.session(write=True) as s:
+            if s.get(Run, run_id) is None:
+                raise LineageError(f"no run {run_id!r} (claim_run)")
+            owner = s.get(RunOwner, run_id)
+            if owner is None:
+                s.add(RunOwner(run_id=run_id, host=host, pid=pid, pid_started=pid_started, heartbeat_at=utcnow()))
+            else:
+                owner.host, owner.pid, owner.pid_started, owner.heartbeat_at = host, pid, pid_started, utcnow()
+
+    def heartbeat(self, run_id: str) -> str | None:
+        """The owner is alive: move its heartbeat to now. Returns who asked for a cancel, if anyone."""
+        with self.session(write=True) as s:
+            owner = s.get(RunOwner, run_id)
+            if owner is None:
+                return None
+            owner.heartbeat_at = utcnow()
+            return owner.cancel_requested_by
+
+    def run_owner(self, run_id: str) -> RunOwner | None:
+        with self.session() as s:
+            return s.get(RunOwner, run_id)
+
+    def request_cancel(self, run_id: str, user: str) -> None:
+        """Ask the owner of `run_id` to stop it (read by its heartbeat)."""
+        with self.session(write=True) as s:
+            owner = s.get(RunOwner, run_id)
+            if owner is not None:
+                owner.cancel_requested_by = user
+
+    def active_local_runs(self) -> list[tuple[Run, RunOwner | None]]:
+        """Local runs that say pending or running, each with its owner (None: never claimed)."""
+        with self.session() as s:
+            rows = s.execute(select(Run, RunOwner).outerjoin(RunOwner, RunOwner.run_id == Run.id)
+                             .where(Run.status.in_(("pending", "running")), Run.backend == "local")
+                             .order_by(Run.created_at))
+            return [(run, owner) for run, owner in rows]
+
+    def end_run(self, run_id: str, status: str, error: str | None) -> bool:
+        """End a run that may still say pending or running, in one transaction: the run gets
+        `status` (failed or cancelled) and `error`, and so does every execution of it that still
+        says pending or running. Returns False (and changes nothing) when the run had already
+        ended: its own record of how it ended wins over a later guess."""
+        _check_in("status", status, ("failed", "cancelled"))
+        with self.session(write=True) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise LineageError(f"no run {run_id!r}")
+            if run.status not in ("pending", "running"):
+                return False
+            now = utcnow()
+            run.status, run.error, run.ended_at = status, error, run.ended_at or now
+            for execution in s.scalars(select(StageExecution).where(
+                    StageExecution.run_id == run_id, StageExecution.status.in_(("pending", "running")))):
+                execution.status, execution.ended_at = status, now
+                execution.error = f"the run ended while this stage was running: {error}"
+            return True
+
+    def end_open_executions(self, run_id: str, status: str, error: str) -> int:
+        """Mark the executions of `run_id` that still say pending or running as `status` (a run
+        recording its own outcome: a task killed with it never recorded its end)."""
+        _check_in("status", status, TERMINAL_STATUSES)
+        with self.session(write=True) as s:
+            open_ = list(s.scalars(select(StageExecution).where(
+                StageExecution.run_id == run_id, StageExecution.status.in_(("pending", "running")))))
+            for execution in open_:
+                execution.status, execution.error, execution.ended_at = status, error, utcnow()
+            return len(open_)
 
     # ------------------------------------------------------------------ executions
 

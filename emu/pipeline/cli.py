@@ -33,11 +33,18 @@ def run(
     data), or on a KFP cluster with --host. Prints a line when each stage starts and ends, the
     training stages' progress and, at the end, the run id, where its log and artifacts are, the
     evaluation and the gate's verdict. Everything the stages print goes to the run's log file
-    ($EMU_HOME/logs/RUN_ID.log). Exit 1 when the run failed."""
-    from emu.pipeline.runner import RunRequest, run_local, submit
+    ($EMU_HOME/logs/RUN_ID.log). Exit 1 when the run failed, 128 + the signal when a signal
+    stopped it (the run is recorded as cancelled; its tasks got SIGTERM).
 
+    `emu run cancel RUN` stops a local run and its tasks (a training stage checkpoints first)
+    and records it as cancelled."""
     import os
 
+    from emu.pipeline.runner import RunRequest, run_local, submit
+
+    if overrides and overrides[0] == "cancel":
+        _cancel(overrides[1:])
+        return
     request = RunRequest(preset=preset, source=data, overrides=list(overrides or []), host=host,
                          run_id=os.environ.get("EMU_RUN_ID") or None)
     if host:
@@ -46,7 +53,24 @@ def run(
         return
     verbose = verbose or bool(ctx.find_root().params.get("verbose"))
     outcome = run_local(request, verbose=verbose)
+    if outcome.stopped_by:
+        raise typer.Exit(128 + outcome.stopped_by)
     raise typer.Exit(0 if outcome.status == "succeeded" else 1)
+
+
+def _cancel(targets: list[str]) -> None:
+    """`emu run cancel RUN`: stop the run and its tasks; print how it ended."""
+    import getpass
+
+    from emu.errors import EmuError
+    from emu.pipeline import runstate
+    from emu.pipeline.tasks import lineage
+
+    if len(targets) != 1:
+        raise EmuError("usage: emu run cancel RUN_ID (one run id, as `emu lineage runs` lists them)")
+    store = lineage()
+    status = runstate.cancel(store, targets[0], getpass.getuser(), echo=typer.echo)
+    typer.echo(f"run {targets[0]}: {status}")
 
 
 def compile_(

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class RunOutcome:
     log_path: Path | None = None          # every line the run printed
     gate: dict[str, Any] | None = None    # the promotion gate's verdict per metric (gate.json)
     seconds: float | None = None
+    stopped_by: int | None = None         # the signal that stopped `emu run`, if one did
 
 
 def parameters(request: RunRequest) -> dict[str, str]:
@@ -137,15 +139,34 @@ def code_version() -> str:
 
 def source_md5(source: str) -> str:
     """The DVC md5 of the training data ("" for the synthetic world, whose content the synth
-    config fixes)."""
+    config fixes). A DVC md5 must be in the remote, a path must exist: refused before anything
+    starts, not by the first task."""
     if not source:
         return ""
-    if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", source):
-        return source
     from emu.artifacts.dvc import ArtifactStore
+
+    store = ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None)
+    if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", source):
+        if not store.exists(source):
+            raise ConfigError(f"--data {source}: no artifact with this DVC md5 in the remote {store!r}")
+        return source
     from emu.artifacts.s3 import resolve_local
 
-    return ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).md5(resolve_local(source))
+    return store.md5(resolve_local(source))
+
+
+def check_remote() -> None:
+    """Refuse an unusable DVC remote (EMU_DVC_REMOTE: a bad URL, an unreachable endpoint, a
+    folder that is a file) before a run starts; every task pushes its outputs there."""
+    remote = os.environ.get("EMU_DVC_REMOTE")
+    if not remote:
+        return
+    from emu.artifacts.dvc import ArtifactStore
+
+    try:
+        ArtifactStore(remote).exists("0" * 32)
+    except (EmuError, OSError, ValueError) as exc:
+        raise ConfigError(f"the DVC remote EMU_DVC_REMOTE={remote} is not usable: {exc}") from None
 
 
 def git_state() -> tuple[str | None, bool | None]:
@@ -167,10 +188,16 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
     The terminal (`terminal`, default stdout) gets the run's header, one line per stage start and
     end, progress lines of the training stages and the summary; the run's log file
     (`run_log_path`) every line of every task; with `verbose` the terminal gets every line too.
+
+    The run is claimed by this process (emu.pipeline.runstate: host, pid, start time, heartbeat)
+    so that, should it die, the next `emu` command records the run as failed. SIGTERM, SIGINT and
+    SIGHUP are forwarded to the running task (a training stage checkpoints and stops) and end the
+    run as cancelled; a second signal kills the tasks. Whatever happens, the outcome is recorded.
     """
     from kfp import local
 
     from emu.lineage.store import LineageStore
+    from emu.pipeline import runstate
     from emu.pipeline.console import RunConsole
     from pipelines.emu_pipeline import build_pipeline
 
@@ -178,20 +205,30 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("EMU_LINEAGE_URL", f"sqlite:///{home / 'lineage.db'}")
     os.environ.setdefault("EMU_DVC_REMOTE", str(home / "dvc-remote"))
-    args = parameters(request)
-    config = pipeline_config(request)
     store = LineageStore(os.environ["EMU_LINEAGE_URL"])
+    runstate.reconcile_quietly(store)
+    recorded = store.get_run(request.run_id) if request.run_id else None
+    try:
+        check_remote()
+        args = parameters(request)
+        config = pipeline_config(request)
+    except BaseException as exc:  # a run recorded by the scheduler or dashboard must not stay pending
+        if recorded is not None:
+            store.end_run(recorded.id, "failed", f"the run could not start: {_reason(exc)}")
+        raise
     commit, dirty = git_state()
-    if request.run_id and store.get_run(request.run_id) is not None:
-        run = store.update_run(request.run_id, status="running",
-                               image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None)
+    if recorded is not None:
+        run = recorded
         store.set_run_details(run.id, parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty)
     else:
         run = store.create_run(trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(),
                                schedule_id=request.schedule_id, preset=request.preset,
                                parameters=run_parameters(request, args), git_commit=commit, git_dirty=dirty,
                                image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None, backend="local",
-                               status="running", run_id=request.run_id)
+                               status="pending", run_id=request.run_id)
+    host, pid, pid_started = runstate.this_process()
+    store.claim_run(run.id, host=host, pid=pid, pid_started=pid_started)
+    store.update_run(run.id, status="running", image_digest=os.environ.get("EMU_IMAGE_DIGEST") or None)
     os.environ["EMU_RUN_ID"] = run.id
     log_path = run_log_path(run.id)
 
@@ -203,33 +240,114 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
     inherited = {name: os.environ.pop(name) for name in DISTRIBUTED_ENV if name in os.environ}
     started = time.perf_counter()
     error = None
-    with RunConsole(log_path, verbose=verbose, on_cache_hit=cached, terminal=terminal) as console:
-        console.echo(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
-                     f"code {args['code_version']}")
-        console.echo(f"log: {log_path}" + ("" if verbose else " (every line of every stage; -v prints them here)"))
-        try:
-            local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
-                       raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))
-            build_pipeline(config)(**args)
-        except Exception as exc:  # kfp.local raises for pipeline-level problems
-            error = f"{type(exc).__name__}: {exc}"
-            console.echo(f"error: {error}")
-        finally:
-            os.environ.update(inherited)
-        console.sync()  # the last cache hit may still be in the pipe: record it first
-        executions = store.list_executions(run.id)
-        failed = [e for e in executions if e.status == "failed"]
-        if failed and error is None:
-            error = f"{failed[0].stage}: {failed[0].error}"
-        states = console.status
-        status = "failed" if error or any(s != "SUCCESS" for s in states.values()) else "succeeded"
-        if status == "failed" and error is None:
-            error = "; ".join(f"{task} {state}" for task, state in states.items() if state != "SUCCESS")
-        store.update_run(run.id, status=status, error=error)
-        outcome = outcome_of(store, run.id, artifacts_dir=home / "kfp", seconds=time.perf_counter() - started)
-        for line in outcome_lines(outcome):
-            console.echo(line)
+    stop = _StopSignals(run.id)
+    try:
+        with stop, runstate.Heartbeat(store, run.id, on_cancel=lambda user: os.kill(os.getpid(), signal.SIGTERM)) \
+                as heartbeat, RunConsole(log_path, verbose=verbose, on_cache_hit=cached, terminal=terminal) as console:
+            try:
+                console.echo(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
+                             f"code {args['code_version']}")
+                console.echo(f"log: {log_path}" + ("" if verbose else " (every line of every stage; -v prints them here)"))
+                local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
+                           raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))
+                build_pipeline(config)(**args)
+            except _Stopped as exc:
+                error = (f"cancelled by {heartbeat.cancelled_by}" if heartbeat.cancelled_by
+                         else f"`emu run` was stopped by {signal.Signals(exc.signum).name}")
+                console.echo(f"stopping: {error}")
+            except Exception as exc:  # kfp.local raises for pipeline-level problems
+                error = f"{type(exc).__name__}: {exc}"
+                console.echo(f"error: {error}")
+            finally:
+                stop.recording = True  # from here a signal waits for the outcome to be recorded
+                os.environ.update(inherited)
+            console.sync()  # the last cache hit may still be in the pipe: record it first
+            status, error = _status_of(store, run.id, console.status, error, stopped=stop.signum is not None)
+            store.end_open_executions(run.id, status if status != "succeeded" else "failed",
+                                      error or "the task never recorded its end")
+            store.update_run(run.id, status=status, error=error)
+            outcome = outcome_of(store, run.id, artifacts_dir=home / "kfp", seconds=time.perf_counter() - started)
+            outcome.stopped_by = stop.signum
+            for line in outcome_lines(outcome):
+                console.echo(line)
+    finally:
+        # Anything that escaped above (the console, the heartbeat, a second signal) still ends
+        # the run: a recorded outcome is never skipped, only replaced by a poorer one.
+        store.end_run(run.id, "cancelled" if stop.signum else "failed",
+                      error or "`emu run` stopped before recording an outcome")
     return outcome
+
+
+class _Stopped(KeyboardInterrupt):
+    """A signal stopped `emu run` (not an Exception: kfp.local's `except Exception` must not eat
+    it; the `emu` entry point exits 128 + `signum` on it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM, SIGINT and SIGHUP while the pipeline runs: forward SIGTERM to this process's
+    children (the task: a trainer checkpoints and stops, emu.train.trainer) and raise `_Stopped`
+    in the main thread; a second signal kills every process of the run. Once `recording` is set,
+    a signal is only noted, so that the outcome is recorded before the process ends. Installed
+    only in the main thread (Python delivers signals there)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.signum: int | None = None
+        self.recording = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        import psutil
+
+        from emu.pipeline.runstate import kill_run_processes
+
+        if self.signum is not None:
+            if not self.recording:
+                kill_run_processes(self.run_id, wait_s=0.0)
+            return
+        self.signum = signum
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.terminate()
+            except psutil.Error:
+                pass
+        if not self.recording:
+            raise _Stopped(signum)
+
+
+def _status_of(store, run_id: str, states: dict[str, str], error: str | None, *, stopped: bool) -> tuple[str, str | None]:
+    """How the run ended: cancelled (a signal or a cancel), failed (an error, a failed or missing
+    task), else succeeded; with the error to record."""
+    failed = [e for e in store.list_executions(run_id) if e.status == "failed"]
+    if stopped:
+        return "cancelled", error
+    if failed and error is None:
+        error = f"{failed[0].stage}: {failed[0].error}"
+    status = "failed" if error or any(s != "SUCCESS" for s in states.values()) else "succeeded"
+    if status == "failed" and error is None:
+        error = "; ".join(f"{task} {state}" for task, state in states.items() if state != "SUCCESS")
+    return status, error
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, EmuError) else f"{type(exc).__name__}: {exc}"
 
 
 def outcome_of(store, run_id: str, artifacts_dir: Path | None = None, seconds: float | None = None) -> RunOutcome:
@@ -247,11 +365,16 @@ def outcome_of(store, run_id: str, artifacts_dir: Path | None = None, seconds: f
 
 
 def launch_background(run_id: str, preset: str, data: str = "", overrides: list[str] = (),
-                      log_path: Path | None = None) -> subprocess.Popen:
+                      log_path: Path | None = None, store=None) -> subprocess.Popen:
     """`emu run` in its own process (own session: it outlives its launcher) for a run already
     recorded in the lineage store (EMU_RUN_ID): how the scheduler and the dashboard start runs.
-    Its output goes to `log_path` (default $EMU_HOME/logs/RUN_ID.log)."""
+    Its output goes to `log_path` (default $EMU_HOME/logs/RUN_ID.log). With `store`, the new
+    process is recorded as the run's owner at once, so a run whose `emu run` dies while starting
+    is found orphaned (emu.pipeline.runstate) rather than left pending."""
+    import socket
     import sys
+
+    import psutil
 
     command = [sys.executable, "-m", "emu.cli", "run", "--preset", preset]
     if data:
@@ -263,8 +386,15 @@ def launch_background(run_id: str, preset: str, data: str = "", overrides: list[
     log_path = Path(log_path) if log_path else run_log_path(run_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=ROOT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    if store is not None:
+        try:
+            started = psutil.Process(process.pid).create_time()
+        except psutil.NoSuchProcess:  # already gone: the zombie is ours to reap; reconcile records it
+            started = 0.0
+        store.claim_run(run_id, host=socket.gethostname(), pid=process.pid, pid_started=started)
+    return process
 
 
 def run_log_path(run_id: str) -> Path:

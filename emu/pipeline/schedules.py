@@ -35,11 +35,23 @@ def create_schedule(*, cron: str, name: str, preset: str, data: str, overrides: 
     parameters = {"preset": preset, "data": data, "overrides": overrides}
     if host:
         return _create_recurring_run(cron=cron, name=name, host=host, **parameters)
+    validate_run(preset, data, overrides)
     store = _store()
     schedule = store.create_schedule(name or f"{preset}-{int(time.time())}", cron, parameters=parameters,
                                      created_by=getpass.getuser(), preset=preset)
     return {"id": schedule.id, "name": schedule.name, "cron": schedule.cron,
             "next": schedule.next_run_at or next_fire_time(cron, datetime.now(timezone.utc))}
+
+
+def validate_run(preset: str, data: str, overrides: list[str]) -> None:
+    """Refuse what `emu run` would refuse (ConfigError naming the setting, preset, data path or
+    md5), now rather than at every firing. The data's md5 and the code version are resolved
+    again when the schedule fires: a nightly run on new data retrains, on the same data it is
+    served from the cache."""
+    from emu.pipeline.runner import RunRequest, check_remote, parameters
+
+    check_remote()
+    parameters(RunRequest(preset=preset, source=data, overrides=list(overrides)))
 
 
 def list_schedules(host: str = "") -> list[str]:
@@ -78,7 +90,10 @@ def fire_due(now: datetime | None = None, launch: Callable[[str, dict], subproce
     """Start a run for every due, unblocked schedule; returns the run ids started."""
     from emu.lineage.cron import next_fire_time
 
+    from emu.pipeline.runstate import reconcile_quietly
+
     store = _store()
+    reconcile_quietly(store)  # a run whose `emu run` died must not block its schedule for good
     now = now or datetime.now(timezone.utc)
     started = []
     for schedule in store.due_schedules(now):
@@ -95,7 +110,12 @@ def fire_due(now: datetime | None = None, launch: Callable[[str, dict], subproce
         if not store.mark_schedule_fired(schedule.id, run.id, following, expected_next_run_at=schedule.next_run_at):
             store.update_run(run.id, status="cancelled", error="another scheduler fired this schedule first")
             continue
-        (launch or _launch)(run.id, params)
+        try:
+            (launch or _launch)(run.id, params)
+        except Exception as exc:  # never leave a run pending that nothing will start
+            store.end_run(run.id, "failed", f"could not start `emu run`: {type(exc).__name__}: {exc}")
+            echo(f"{schedule.name}: could not start run {run.id}: {exc}")
+            continue
         echo(f"{schedule.name}: started run {run.id}")
         started.append(run.id)
     return started
@@ -114,7 +134,7 @@ def _launch(run_id: str, params: dict) -> subprocess.Popen:
     from emu.pipeline.runner import launch_background
 
     return launch_background(run_id, params.get("preset", "tiny"), params.get("data", ""),
-                             list(params.get("overrides", [])))
+                             list(params.get("overrides", [])), store=_store())
 
 
 def _client(host: str):

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from emu.dashboard.app import create_app
 from emu.dashboard.auth import hash_password, token_digest
 from emu.dashboard.config import DashboardConfig
-from emu.dashboard.launch import Launcher
+from emu.dashboard.launch import Launcher, RetrainRequest
 from emu.errors import ConfigError
 from emu.lineage.query import run_graph
 from emu.lineage.store import LineageStore
@@ -250,6 +250,21 @@ def test_presets_outside_the_offered_list_are_refused(setup):
     assert response.status_code == 422 and "is not offered" in html.unescape(response.text)
     response = client.post("/retrain", data=_retrain_form(client, csrf, data=str(setup["root"] / "nowhere")))
     assert response.status_code == 422 and "neither a shard folder" in html.unescape(response.text)
+
+
+def test_retrain_data_must_lie_in_the_configured_data_roots(setup):
+    root = setup["root"]
+    (root / "elsewhere").mkdir()
+    (root / "data" / "set").mkdir(parents=True)
+    (root / "data" / "set" / "dataset.json").write_text("{}")
+    client = setup["client"]
+    csrf = _login(client)
+    response = client.post("/retrain", data=_retrain_form(client, csrf, data=str(root / "elsewhere")))
+    assert response.status_code == 422 and "outside the dashboard's data roots" in html.unescape(response.text)
+    launcher = Launcher(DashboardConfig(data_roots=[str(root / "data")]), setup["store"])
+    assert launcher.check(RetrainRequest(data=str(root / "data" / "set"))).source == str((root / "data" / "set").resolve())
+    with pytest.raises(ConfigError, match="outside the dashboard's data roots"):
+        launcher.check(RetrainRequest(data=str(root / "data" / ".." / "elsewhere")))
 
 
 def test_a_double_submitted_retrain_starts_one_run(setup):
@@ -504,6 +519,27 @@ def test_login_is_throttled(setup):
         ("alice", "denied: wrong user name or password")] * 3 + [("alice", "denied: too many failed logins")]
     assert PASSWORD not in json.dumps([e.request for e in entries]) and "wrong" not in json.dumps(
         [e.request for e in entries])
+
+
+def test_50_parallel_wrong_logins_are_refused_after_the_limit_and_the_user_still_gets_in(setup):
+    """The throttle counts each attempt before its password check (max_failed_logins=3): of 50
+    concurrent guesses from one address only 3 are checked; the real user, from another address,
+    logs in right after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = setup["client"].app
+    guessers = [TestClient(app, base_url="http://127.0.0.1:8000", client=("10.6.6.6", 40000 + i)) for i in range(50)]
+    tokens = [_csrf(client) for client in guessers]
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        codes = list(pool.map(lambda pair: pair[0].post("/login", data={
+            "username": "alice", "password": "guess", "csrf_token": pair[1]}).status_code, zip(guessers, tokens)))
+    assert sorted(codes) == [401] * 3 + [429] * 47
+    assert guessers[0].post("/login", data={"username": "alice", "password": PASSWORD,
+                                            "csrf_token": tokens[0]}).status_code == 429, "the guesser stays locked"
+    user = TestClient(app, base_url="http://127.0.0.1:8000", client=("10.1.1.1", 50000))
+    response = user.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": _csrf(user)},
+                         follow_redirects=False)
+    assert response.status_code == 303
 
 
 def test_logout_revokes_the_session(setup):

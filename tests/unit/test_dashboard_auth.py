@@ -198,34 +198,56 @@ def test_a_non_ascii_cookie_is_refused(cookie):
 # ---------------------------------------------------------------------- login throttle
 
 
-def test_throttle_blocks_after_limit_failures_per_user():
+def test_throttle_counts_attempts_per_client_and_user():
     throttle = LoginThrottle(limit=3)
-    for _ in range(2):
-        throttle.failed("alice")
-    assert not throttle.blocked("alice")
-    throttle.failed("alice")
-    assert throttle.blocked("alice")
-    assert not throttle.blocked("bob"), "per user name"
-    throttle.succeeded("alice")
-    assert not throttle.blocked("alice")
-    throttle.failed("alice")
-    assert not throttle.blocked("alice"), "the count starts again after a success"
+    assert all(throttle.acquire("10.0.0.9", "alice") for _ in range(3))
+    assert not throttle.acquire("10.0.0.9", "alice"), "the fourth attempt is refused before any password check"
+    assert throttle.acquire("10.0.0.1", "alice"), "another client (the real user) is not locked out"
+    assert throttle.acquire("10.0.0.9", "bob"), "per user name too"
+    throttle.succeeded("10.0.0.1", "alice")
+    assert not throttle.acquire("10.0.0.9", "alice"), "a success elsewhere does not free the guesser"
 
 
-def test_throttle_forgets_failures_older_than_the_window(monkeypatch):
+def test_throttle_is_atomic_under_concurrency():
+    import threading
+
+    throttle = LoginThrottle(limit=5)
+    granted, barrier = [], threading.Barrier(50)
+
+    def attempt():
+        barrier.wait()
+        granted.append(throttle.acquire("10.0.0.9", "alice"))
+
+    threads = [threading.Thread(target=attempt) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert granted.count(True) == 5
+
+
+def test_throttle_memory_is_bounded():
+    throttle = LoginThrottle(limit=2, max_keys=100)
+    for i in range(1000):
+        throttle.acquire("10.0.0.9", f"user{i}")
+    assert len(throttle) == 100
+    assert throttle.acquire("10.0.0.9", "user999") and not throttle.acquire("10.0.0.9", "user999"), \
+        "the most recent keys keep their counts"
+
+
+def test_throttle_forgets_attempts_older_than_the_window(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(auth, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     throttle = LoginThrottle(limit=2, window_s=900)
-    throttle.failed("alice")
+    assert throttle.acquire("c", "alice")
     clock[0] += 600
-    throttle.failed("alice")
-    assert throttle.blocked("alice")
-    clock[0] += 301  # the first failure is now 901 s old
-    assert not throttle.blocked("alice")
-    throttle.failed("alice")
-    assert throttle.blocked("alice")
+    assert throttle.acquire("c", "alice")
+    assert not throttle.acquire("c", "alice")
+    clock[0] += 301  # the first attempt is now 901 s old
+    assert throttle.acquire("c", "alice")
+    assert not throttle.acquire("c", "alice")
     clock[0] += 901
-    assert not throttle.blocked("alice")
+    assert throttle.acquire("c", "alice")
 
 
 # ---------------------------------------------------------------------- audit sanitising
