@@ -254,7 +254,9 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
             except _Stopped as exc:
                 error = (f"cancelled by {heartbeat.cancelled_by}" if heartbeat.cancelled_by
                          else f"`emu run` was stopped by {signal.Signals(exc.signum).name}")
-                console.echo(f"stopping: {error}")
+                console.echo(f"stopping: {error}; waiting for the running task to stop (a training stage "
+                             f"checkpoints first; a second signal kills it)")
+                _wait_for_tasks(run.id)
             except Exception as exc:  # kfp.local raises for pipeline-level problems
                 error = f"{type(exc).__name__}: {exc}"
                 console.echo(f"error: {error}")
@@ -330,6 +332,24 @@ class _StopSignals:
                 pass
         if not self.recording:
             raise _Stopped(signum)
+
+
+#: Seconds a stopped `emu run` waits for its tasks to stop after SIGTERM (a training stage writes
+#: a checkpoint first) before it kills them.
+STOP_GRACE_S = 300.0
+
+
+def _wait_for_tasks(run_id: str) -> None:
+    """Wait for the run's processes on this host to end after SIGTERM; kill what outlives the grace."""
+    import psutil
+
+    from emu.pipeline.runstate import kill_run_processes, run_processes
+
+    _, alive = psutil.wait_procs(run_processes(run_id), timeout=STOP_GRACE_S)
+    if alive:
+        log.warning("run %s: %d task process(es) did not stop within %.0f s; killing them", run_id, len(alive),
+                    STOP_GRACE_S)
+        kill_run_processes(run_id)
 
 
 def _status_of(store, run_id: str, states: dict[str, str], error: str | None, *, stopped: bool) -> tuple[str, str | None]:

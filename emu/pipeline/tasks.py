@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.config import from_dict, resolve, to_dict
+from emu.pipeline.resume import attach_checkpoints, resume_key
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
     with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset")}) as run:
         out = Path(model.path)
+        attach_checkpoints(out, "stage1", resume_key("stage1", config=to_dict(cfg), model=to_dict(architecture),
+                                                     dataset=dataset_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         stage1(cfg, architecture, sources, out)
@@ -264,11 +267,15 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
 
     from emu.train.stages import train_decoder
 
-    cfg = dataclasses.replace(stage_config("decoder", preset, config), encoder=str(Path(encoder) / "model"))
+    base = stage_config("decoder", preset, config)
+    cfg = dataclasses.replace(base, encoder=str(Path(encoder) / "model"))
     architecture = stage_config("visual_decoder", preset, decoder_config)
     with execution("decoder", {"decoder": to_dict(cfg), "visual_decoder": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
         out = Path(decoder.path)
+        attach_checkpoints(out, "decoder", resume_key("decoder", config=to_dict(base), model=to_dict(architecture),
+                                                      dataset=dataset_md5, encoder=encoder_md5),
+                           folders=("checkpoints", "vae/checkpoints"))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         train_decoder(cfg, architecture, sources, out)
@@ -291,11 +298,13 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
     (stage 2, instruction tuning): train, record curves and shard lineage, version the model."""
     import dataclasses
 
-    cfg = dataclasses.replace(stage_config(stage, preset, config), init=str(Path(init) / "model"),
-                              precomputed=str(embeddings))
+    base = stage_config(stage, preset, config)
+    cfg = dataclasses.replace(base, init=str(Path(init) / "model"), precomputed=str(embeddings))
     with execution(stage, cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
                                 "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
+        attach_checkpoints(out, stage, resume_key(stage, config=to_dict(base), dataset=dataset_md5, init=init_md5,
+                                                  embeddings=embeddings_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         train(cfg, sources, out)

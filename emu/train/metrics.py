@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -91,10 +93,17 @@ def peak_flops(configured_tflops: float) -> float | None:
 
 
 class MetricsLog:
-    """Rank-0 sink: metrics.jsonl (one object per step), TensorBoard scalars, a tqdm bar."""
+    """Rank-0 sink: metrics.jsonl (one object per step), TensorBoard scalars, a tqdm bar.
+
+    metrics.jsonl holds each step once. A fresh run (start_step 0) starts the file anew; a resumed
+    one starts it from `history` (the metrics.jsonl saved in the checkpoint it resumes from, which
+    holds exactly the steps up to that checkpoint), else from the file's own records up to
+    start_step: the steps trained after the checkpoint by the interrupted run are trained again,
+    and must not appear twice (the lineage curves are read from this file).
+    """
 
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool = True,
-                 progress: bool = True, stage: str = ""):
+                 progress: bool = True, stage: str = "", history: Path | None = None):
         self.enabled = enabled
         self.total = total_steps
         self.stage = stage
@@ -103,10 +112,18 @@ class MetricsLog:
         self._jsonl = None
         self._writer = None
         self._bar = None
+        #: The last record before start_step (a stage resumed at its end reports it as final).
+        self.last: dict[str, Any] = {}
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = out_dir / "metrics.jsonl"
+        kept = _records_up_to(history if history is not None and history.is_file() else self.path, start_step)
+        self.last = json.loads(kept[-1]) if kept else {}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._jsonl = open(self.path, "a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(str(out_dir / "tensorboard"))
@@ -140,6 +157,11 @@ class MetricsLog:
             log.info("%s step %d/%d %s; %.0f s elapsed, ETA %.0f s", self.stage or "train", step, self.total,
                      " ".join(f"{k} {v}" for k, v in losses.items()), elapsed, eta)
 
+    def snapshot(self, folder: Path) -> None:
+        """Copy metrics.jsonl (every step logged so far) into a checkpoint folder."""
+        if self.enabled:
+            shutil.copyfile(self.path, Path(folder) / "metrics.jsonl")
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -148,3 +170,10 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
 
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a metrics.jsonl whose step is at most `step` (none for a fresh start)."""
+    if step <= 0 or not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in lines if json.loads(line).get("step", 0) <= step]

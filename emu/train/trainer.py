@@ -90,12 +90,14 @@ class Trainer:
         self._stop_requested = False
 
     def run(self) -> TrainSummary:
-        start = self._resume()
+        start, tag = self._resume()
         metrics = MetricsLog(self.out_dir, self.steps, start, enabled=self.rank == 0,
-                             progress=self.runtime.progress, stage=self.stage)
+                             progress=self.runtime.progress, stage=self.stage,
+                             history=self.checkpoints / tag / "metrics.jsonl" if tag else None)
+        self._metrics = metrics
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         began = time.perf_counter()
-        last: dict[str, Any] = {}
+        last: dict[str, Any] = dict(metrics.last)
         batches = iter(StepLoader(self.data, self.step_fn.prepare, start, self.steps,
                                   workers=self.runtime.loader_workers, prefetch=self.runtime.loader_prefetch))
         try:
@@ -153,6 +155,7 @@ class Trainer:
         barrier()
         self.engine.save(self.checkpoints, tag, client_state={"step": step})
         ckpt.save_rank_state(self.checkpoints / tag, self.rank, {"step": step, "data": self.data.state()})
+        self._metrics.snapshot(self.checkpoints / tag)  # the curve up to this step, for a resume elsewhere
         barrier()  # every rank has written the tag before the pointer moves
         if self.rank == 0:
             ckpt.point_latest(self.checkpoints, tag)
@@ -160,10 +163,11 @@ class Trainer:
         barrier()
         log.info("%s: checkpoint %s", self.stage, tag)
 
-    def _resume(self) -> int:
+    def _resume(self) -> tuple[int, str | None]:
+        """(step, tag) of the checkpoint resumed from; (0, None) for a fresh start."""
         tag = ckpt.latest_tag(self.checkpoints) if self.checkpoints.is_dir() else None
         if tag is None:
-            return 0
+            return 0, None
         client = self.engine.load(self.checkpoints, tag)
         state = ckpt.load_rank_state(self.checkpoints / tag, self.rank)
         if state.get("step") != client.get("step"):
@@ -171,7 +175,7 @@ class Trainer:
                                f"{state.get('step')} disagree")
         self.data.restore(state["data"])
         log.info("%s: resumed from %s", self.stage, tag)
-        return int(state["step"])
+        return int(state["step"]), tag
 
     # ---- preemption ------------------------------------------------------------------------
 

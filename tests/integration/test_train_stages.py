@@ -208,6 +208,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(world, stage1_out, tmp
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["resumed_from"] >= 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text()
+                     .splitlines()], "each step once: the steps trained again after the resume are not repeated"
     a, b = weights(tmp_path / "straight" / "model"), weights(tmp_path / "killed" / "model")
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
