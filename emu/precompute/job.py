@@ -31,7 +31,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -525,7 +524,9 @@ class _PartWriter:
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         index_path.unlink(missing_ok=True)  # the commit marker goes first: no index while tensors change
         tmp = tensors_path.with_name(tensors_path.name + ".tmp")
-        save_file(self.tensors, str(tmp), metadata={"format": PART_FORMAT, "shard": part.shard.name})
+        # One metadata key: safetensors writes metadata from a hash map, so with two keys their
+        # order, hence the file's bytes, changed from run to run (the index names the shard).
+        save_file(self.tensors, str(tmp), metadata={"format": PART_FORMAT})
         os.replace(tmp, tensors_path)
         digest = addresses_digest((r["key"], r["index"], {k: r[k] for k in ("embedding", "crop", "latent") if k in r})
                                   for r in self.rows)
@@ -538,11 +539,12 @@ class _PartWriter:
 
 def _write_summary(out: Path, config: PrecomputeConfig, run: _Run, datasets, parts: list[_Part],
                    summary: PrecomputeSummary) -> None:
+    """precompute.json: what the folder holds, and nothing about the run that wrote it (no time,
+    no input paths, no timings: those are in the returned summary), so that the same inputs give
+    the same bytes and the folder's DVC md5 (the next tasks' cache key) does not change."""
     mc = run.encoder.config
     record = {
         "format": FORMAT, "version": VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": run.model,
         "encoder": {"sha256": run.encoder_sha256, "connector": mc.connector, "visual_dim": mc.visual_dim,
                     "image_size": mc.vision.image_size, "patch_size": mc.vision.patch_size,
                     "mean": list(mc.vision.mean), "std": list(mc.vision.std),
@@ -551,14 +553,8 @@ def _write_summary(out: Path, config: PrecomputeConfig, run: _Run, datasets, par
         "fingerprints": run.spec.to_json(),
         "latents": run.latent,
         "config": to_dict(config),
-        "datasets": [{"name": name, "path": str(path),
-                      "parts": [part_paths(Path("."), name, s.name)[1].as_posix() for s in shards]}
-                     for name, path, shards in datasets],
-        "counts": {"parts": summary.parts, "parts_computed": summary.parts_computed,
-                   "parts_kept": summary.parts_kept, "images": summary.images,
-                   "images_computed": summary.images_computed},
-        "computed": summary.computed,
-        "seconds": round(summary.seconds, 3), "compute_seconds": round(summary.compute_seconds, 3),
-        "images_per_s": round(summary.images_per_s, 3),
+        "datasets": [{"name": name, "parts": [part_paths(Path("."), name, s.name)[1].as_posix() for s in shards]}
+                     for name, _path, shards in datasets],
+        "counts": {"parts": summary.parts, "images": summary.images},
     }
     atomic_write(out / SUMMARY_FILE, json.dumps(record, indent=2).encode("utf-8"))

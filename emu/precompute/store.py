@@ -54,7 +54,11 @@ class PrecomputedStore:
 
     @property
     def model(self) -> str:
-        return str(self.summary["model"])
+        """The encoder, by content (precompute.json keeps no input path: its bytes must not depend
+        on where the model was read from)."""
+        hashes = self.summary["encoder"]["sha256"]
+        digest = hashes.get("float32") or next(iter(hashes.values())) if isinstance(hashes, dict) else hashes
+        return f"the encoder with sha256 {str(digest)[:16]}…"
 
     def describe(self) -> str:
         return (f"{self.out_dir} (encoder of {self.model}, {self.image_size} px, sides {self.sides}, "
