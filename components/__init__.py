@@ -8,5 +8,6 @@ parameters and artifact names, keys on content and code too, and never serves st
 Each returns the md5 of its main output for the next task to take.
 """
 
-#: The project image (infra/Dockerfile): the emu package and its pinned dependencies.
+#: The project image (infra/Dockerfile) by tag: the default when neither pipeline.image nor
+#: infra/image.ref (scripts/build-image) names a digest-pinned one (emu/cluster/image.py).
 IMAGE = "ghcr.io/emu-platform/emu:0.1.0"

@@ -26,10 +26,16 @@ from components.register import register as register_component
 from components.stage1 import stage1 as stage1_component
 from components.stage2 import stage2 as stage2_component
 from components.validate import validate as validate_component
+from emu.cluster.image import DIGEST_ENV, digest_of, image_reference
+from emu.cluster.launch import LAUNCH_ENV, Launch
 from emu.pipeline.config import PipelineConfig, StageResources
 from emu.pipeline.tasks import KFP_RUN_ENV
 
 NAME = "emu"
+#: Tasks that train (emu.cluster.launch decides in process, torchrun over the pod's GPUs, or a TrainJob).
+TRAINING = ("stage1", "stage2", "decoder", "instruct")
+#: Settings from the config map (infra/k8s/base/settings.env) every task reads.
+SETTINGS = ("EMU_LINEAGE_URL", "EMU_DVC_REMOTE", "EMU_CHECKPOINT_REMOTE", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
 def build_pipeline(config: PipelineConfig):
@@ -73,11 +79,26 @@ def build_pipeline(config: PipelineConfig):
 
 
 def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> dsl.PipelineTask:
-    """Cluster settings of one task: resources, the GPU node pool, /dev/shm, S3 credentials and the
-    platform settings (lineage DB URL, DVC remote) as environment."""
+    """Cluster settings of one task: its image, resources, the GPU node pool, /dev/shm, retries and
+    timeout, S3 and database credentials from Secrets and the platform settings as environment, and
+    for training tasks their layout (EMU_LAUNCH: processes per node, nodes, the TrainJob's image)."""
     task.set_display_name(stage)
     task.set_caching_options(enable_caching=True)
+    image = image_reference(config.image)
+    task.set_container_image(image)
+    if digest_of(image):
+        task.set_env_variable(DIGEST_ENV, digest_of(image))
     resources = config.resources.get(stage, StageResources())
+    if stage in TRAINING:
+        per_node = {"cpu": resources.cpu, "memory": resources.memory,
+                    resources.accelerator: str(resources.accelerators) if resources.accelerators else ""}
+        launch = Launch(nodes=resources.nodes, procs_per_node=resources.accelerators, image=image,
+                        runtime=config.trainer_runtime, resources={k: v for k, v in per_node.items() if k and v})
+        task.set_env_variable(LAUNCH_ENV, launch.to_env())
+    if resources.retries:
+        task.set_retry(num_retries=resources.retries, backoff_duration="60s", backoff_factor=2.0)
+    if resources.timeout_s:
+        kubernetes.set_timeout(task, resources.timeout_s)
     if resources.cpu:
         task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
     if resources.memory:
@@ -94,12 +115,13 @@ def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> ds
                                    size_limit=resources.shm)
     kubernetes.use_secret_as_env(task, secret_name=config.s3_secret, optional=True, secret_key_to_env={
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    # libpq reads PGPASSWORD, so EMU_LINEAGE_URL (logged, stored) never holds the password.
+    kubernetes.use_secret_as_env(task, secret_name=config.lineage_secret, optional=True,
+                                 secret_key_to_env={"password": "PGPASSWORD"})
     # The KFP run id (the label KFP's API server puts on every pod of a run) as environment, not a
     # parameter: a parameter would differ per run and defeat the cache. Tasks use it to record
     # their lineage under the run `emu run --host` / the dashboard recorded at submission.
     kubernetes.use_field_path_as_env(task, env_name=KFP_RUN_ENV, field_path="metadata.labels['pipeline/runid']")
     kubernetes.use_config_map_as_env(task, config_map_name=config.settings_config_map, optional=True,
-                                     config_map_key_to_env={"EMU_LINEAGE_URL": "EMU_LINEAGE_URL",
-                                                            "EMU_DVC_REMOTE": "EMU_DVC_REMOTE",
-                                                            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"})
+                                     config_map_key_to_env={key: key for key in SETTINGS})
     return task

@@ -33,10 +33,20 @@ class StageResources:
     node_selector: dict[str, str] = field(default_factory=dict)  # e.g. {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     tolerations: list[Toleration] = field(default_factory=list)
     shm: str = ""                # size of the memory emptyDir on /dev/shm, e.g. "64Gi"
+    #: Training stages: nodes of `accelerators` GPUs each. 1 = torchrun over the task pod's own
+    #: GPUs; more = a Kubeflow Trainer TrainJob of that many nodes (emu/cluster/trainjob.py).
+    nodes: int = 1
+    #: Times KFP retries a failed task (a preempted node, a lost pod); a retried training task
+    #: resumes from its last checkpoint in S3 (EMU_CHECKPOINT_REMOTE).
+    retries: int = 0
+    #: Seconds the task's pod may run (0 = no limit): a hung task fails, and is retried.
+    timeout_s: int = 0
 
     def __post_init__(self) -> None:
         if self.accelerators < 0:
             raise ConfigError("pipeline.resources.<stage>.accelerators must be >= 0")
+        if self.nodes < 1 or self.retries < 0 or self.timeout_s < 0:
+            raise ConfigError("pipeline.resources.<stage>: nodes must be >= 1, retries and timeout_s >= 0")
         if self.accelerators and not self.accelerator:
             raise ConfigError("pipeline.resources.<stage>.accelerator must name the resource "
                               "(e.g. nvidia.com/gpu) when accelerators > 0")
@@ -52,6 +62,17 @@ class PipelineConfig:
     s3_secret: str = "emu-s3"
     #: Kubernetes config map with EMU_LINEAGE_URL, EMU_DVC_REMOTE, AWS_ENDPOINT_URL.
     settings_config_map: str = "emu-settings"
+    #: Kubernetes secret whose key `password` is the lineage database's password (PGPASSWORD in
+    #: the tasks; EMU_LINEAGE_URL holds no password).
+    lineage_secret: str = "emu-lineage"
+    #: The service account the run's pods use (infra/k8s: may create TrainJobs and RayJobs).
+    service_account: str = "emu-pipeline"
+    #: The Kubeflow Trainer TrainingRuntime multi-node stages run on (infra/k8s/base).
+    trainer_runtime: str = "emu-torch"
+    #: The project image every task runs in. Empty: the reference scripts/build-image recorded
+    #: (infra/image.ref, `repo@sha256:...`), else components.IMAGE. A digest reference is
+    #: recorded as each run's image_digest.
+    image: str = ""
     resources: dict[str, StageResources] = field(default_factory=dict)
     #: Metrics the promotion gate compares (names as in the evaluation's kfp_metrics.json). With no
     #: production model yet each must beat its chance level; after that none may fall more than

@@ -533,14 +533,20 @@ def submit(request: RunRequest, package: Path | None = None) -> str:
 
     args = parameters(request)
     package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides)
+    from emu.cluster.image import digest_of, image_reference
+
+    config = pipeline_config(request)
     client = kfp.Client(host=request.host)
     try:
-        result = client.create_run_from_pipeline_package(str(package), arguments=args, enable_caching=True)
+        # The pods run as the platform's service account (infra/k8s: it may create TrainJobs).
+        result = client.create_run_from_pipeline_package(str(package), arguments=args, enable_caching=True,
+                                                         service_account=config.service_account)
     except Exception as exc:
         raise EmuError(f"cannot submit to {request.host}: {type(exc).__name__}: {exc}") from None
     commit, dirty = git_state()
     LineageStore(os.environ.get("EMU_LINEAGE_URL") or None).create_run(
         trigger=request.trigger, triggered_by=request.triggered_by or getpass.getuser(), schedule_id=request.schedule_id,
         preset=request.preset, parameters=run_parameters(request, args),
-        git_commit=commit, git_dirty=dirty, backend="kfp", kfp_run_id=result.run_id, status="running")
+        git_commit=commit, git_dirty=dirty, backend="kfp", kfp_run_id=result.run_id, status="running",
+        image_digest=digest_of(image_reference(config.image)))
     return result.run_id

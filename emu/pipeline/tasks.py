@@ -226,6 +226,7 @@ def validate_task(*, dataset: str, dataset_md5: str, preset: str, config: str, r
 
 def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, model_config: str, model,
                 metrics) -> str:
+    from emu.cluster import launch
     from emu.train.stages import stage1
 
     cfg = stage_config("stage1", preset, config)
@@ -237,7 +238,8 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
                                                      dataset=dataset_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
-        stage1(cfg, architecture, sources, out)
+        launch.train("stage1", {"stage1": cfg, "model": architecture}, {"dataset": (Path(dataset), dataset_md5)},
+                     sources, out, lambda: stage1(cfg, architecture, sources, out))
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
@@ -265,6 +267,7 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
                  decoder_config: str, decoder, metrics) -> str:
     import dataclasses
 
+    from emu.cluster import launch
     from emu.train.stages import train_decoder
 
     base = stage_config("decoder", preset, config)
@@ -278,7 +281,9 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
                            folders=("checkpoints", "vae/checkpoints"))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
-        train_decoder(cfg, architecture, sources, out)
+        launch.train("decoder", {"decoder": cfg, "visual_decoder": architecture},
+                     {"dataset": (Path(dataset), dataset_md5), "encoder": (Path(encoder), encoder_md5)},
+                     sources, out, lambda: train_decoder(cfg, architecture, sources, out))
         _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
 
@@ -298,6 +303,8 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
     (stage 2, instruction tuning): train, record curves and shard lineage, version the model."""
     import dataclasses
 
+    from emu.cluster import launch
+
     base = stage_config(stage, preset, config)
     cfg = dataclasses.replace(base, init=str(Path(init) / "model"), precomputed=str(embeddings))
     with execution(stage, cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
@@ -307,7 +314,9 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
                                                   embeddings=embeddings_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
-        train(cfg, sources, out)
+        launch.train(stage, {stage: cfg}, {"dataset": (Path(dataset), dataset_md5), "init": (Path(init), init_md5),
+                                           "embeddings": (Path(embeddings), embeddings_md5)},
+                     sources, out, lambda: train(cfg, sources, out))
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 

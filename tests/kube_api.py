@@ -1,0 +1,145 @@
+"""A tiny HTTP server that speaks the few Kubernetes API calls the platform makes, for tests:
+
+    POST   /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs        (checked against the CRD: 422)
+    GET    /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs/NAME
+    DELETE /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs/NAME
+    GET    /api/v1/namespaces/NS/pods?labelSelector=jobset.sigs.k8s.io/jobset-name=NAME
+    GET    /api/v1/namespaces/NS/pods/POD/log?container=node&follow=true   (chunked, as the log grows)
+
+It plays the Trainer controller for a created TrainJob: on the first GET its node pods are
+Running and start logging `lines`; once their logs are written the job ends in `outcome`
+("Complete" or "Failed", with `exit_code` on a failed node). The real kubernetes client talks to
+it through `client()`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from tests import k8s_schema
+
+
+class KubeAPI:
+    def __init__(self, outcome: str = "Complete", lines: int = 3, exit_code: int = 0, reason: str = "") -> None:
+        self.outcome, self.lines, self.exit_code, self.reason = outcome, lines, exit_code, reason
+        self.created: list[dict] = []
+        self.deleted: list[str] = []
+        self.gets = 0
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> KubeAPI:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def client(self):
+        from kubernetes import client
+
+        configuration = client.Configuration()
+        configuration.host = self.url
+        return client.ApiClient(configuration)
+
+    # ---- the controller's view --------------------------------------------------------------
+    def _pods(self, job: dict) -> list[dict]:
+        nodes = job["spec"]["trainer"]["numNodes"]
+        name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
+        done = self._job_done(job)
+        pods = []
+        for node in range(nodes):
+            failed = done and self.outcome == "Failed" and node == nodes - 1
+            state = ({"terminated": {"exitCode": self.exit_code if failed else 0, "reason": "Error" if failed
+                                     else "Completed"}} if done else {"running": {}})
+            pods.append({"metadata": {"name": f"{name}-node-0-{node}", "namespace": ns,
+                                      "labels": {"jobset.sigs.k8s.io/jobset-name": name}},
+                         "status": {"phase": ("Failed" if failed else "Succeeded") if done else "Running",
+                                    "containerStatuses": [{"name": "node", "ready": not done, "restartCount": 0,
+                                                           "image": "emu", "imageID": "", "state": state}]}})
+        return pods
+
+    def _job_done(self, job: dict) -> bool:
+        return len(self._logged) >= job["spec"]["trainer"]["numNodes"]
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # quiet test output
+                pass
+
+            def _send(self, code: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _job(self, name: str) -> dict | None:
+                return next((j for j in api.created if j["metadata"]["name"] == name), None)
+
+            def do_POST(self) -> None:
+                parts = urlparse(self.path).path.strip("/").split("/")
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if parts[:3] != ["apis", "trainer.kubeflow.org", "v1alpha1"] or parts[-1] != "trainjobs":
+                    return self._send(404, {"kind": "Status", "code": 404})
+                problems = k8s_schema.problems(body)
+                if problems:
+                    return self._send(422, {"kind": "Status", "code": 422, "message": "; ".join(problems)})
+                body.setdefault("status", {})
+                with api._lock:
+                    api.created.append(body)
+                self._send(201, body)
+
+            def do_DELETE(self) -> None:
+                name = urlparse(self.path).path.rstrip("/").split("/")[-1]
+                api.deleted.append(name)
+                self._send(200, {"kind": "Status", "status": "Success"})
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                parts, query = url.path.strip("/").split("/"), parse_qs(url.query)
+                if parts[:2] == ["apis", "trainer.kubeflow.org"]:
+                    job = self._job(parts[-1])
+                    if job is None:
+                        return self._send(404, {"kind": "Status", "code": 404})
+                    api.gets += 1
+                    if api._job_done(job):
+                        job["status"] = {"conditions": [{"type": api.outcome, "status": "True",
+                                                         "reason": api.reason or f"Job{api.outcome}",
+                                                         "message": f"jobset {api.outcome.lower()}",
+                                                         "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+                    return self._send(200, job)
+                if parts[:2] == ["api", "v1"] and parts[-1] == "pods":
+                    selector = query.get("labelSelector", [""])[0]
+                    name = selector.partition("=")[2]
+                    job = self._job(name)
+                    items = api._pods(job) if job is not None and api.gets else []
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+                if parts[:2] == ["api", "v1"] and parts[-1] == "log":
+                    pod = parts[-2]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(api.lines):
+                        data = f"step {i} on {pod}\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                        time.sleep(0.02)
+                    self.wfile.write(b"0\r\n\r\n")
+                    with api._lock:
+                        api._logged.add(pod)
+                    return None
+                self._send(404, {"kind": "Status", "code": 404})
+
+        return Handler
