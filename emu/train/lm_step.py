@@ -235,12 +235,14 @@ class LMStep:
         image_loss = image_total / n_image if n_image else 0.0
         losses = {"loss": self.weights.text * text_loss + self.weights.image * image_loss,
                   "text_loss": text_loss, "image_loss": image_loss}
-        flops = 0.0
+        flops = vision_flops = 0.0
         if self.flops is not None:
             flops = self.flops.step_flops(prepared.tokens, prepared.lengths, local_text, prepared.images)
+            vision_flops = self.flops.vision_flops(prepared.images)
         return StepResult(losses=losses, samples=prepared.samples, tokens=prepared.tokens,
                           padding=prepared.padding, flops=flops,
-                          extra={"text_targets": n_text, "image_targets": n_image, "micro_batches": n_micro,
+                          extra={"vision_step_tflops": vision_flops / 1e12,  # this rank's; step_tflops: all ranks
+                                 "text_targets": n_text, "image_targets": n_image, "micro_batches": n_micro,
                                  "blank_micro_batches": all_blanks, "skipped_too_long": self.skipped_too_long,
                                  "truncated": self.truncated})
 

@@ -51,10 +51,14 @@ class FlopModel:
         lm = 6.0 * self.lm_params * lm_tokens
         lm += 12.0 * self.lm_layers * self.lm_width * sum(n * n for n in sequence_lengths)
         lm += 6.0 * self.lm_width * self.vocab * text_targets
+        return lm + self.vision_flops(images)
+
+    def vision_flops(self, images: int) -> float:
+        """The encoder's part of step_flops (reported apart: a frozen encoder's forward is cheap
+        per FLOP next to the LM's matmuls, and a trained one's dominates stage 1)."""
         passes = 3.0 if self.encoder_trains else 1.0
-        vit = passes * (2.0 * self.vit_params * self.vit_tokens
-                        + 4.0 * self.vit_layers * self.vit_width * self.vit_tokens ** 2)
-        return lm + vit * images
+        return passes * (2.0 * self.vit_params * self.vit_tokens
+                         + 4.0 * self.vit_layers * self.vit_width * self.vit_tokens ** 2) * images
 
 
 def flop_model(model, encoder_trains: bool) -> FlopModel:
