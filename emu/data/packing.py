@@ -23,7 +23,7 @@ count, not the tokens, bounds its activation memory.
 Sequences are never cut (an image block `[IMG] <image> x n [/IMG]` always stays whole, and
 each sequence's last target is IGNORE, so no target crosses into the next sequence). Hugging Face
 LLaMA hands a 4D mask to the attention kernel as it is: sdpa takes this bool mask, eager needs
-the additive form (`Batch.attention_mask_for`). With either, and the position ids, every packed
+the additive form (`attention_mask_of`). With either, and the position ids, every packed
 sequence gets exactly its hidden states alone, and EmuModel's text and image losses (token
 means) equal those of the same sequences unpacked (tests/unit/test_packing.py).
 """
@@ -107,31 +107,15 @@ class Batch:
     @property
     def attention_mask(self) -> torch.Tensor:
         """(R, 1, L, L) bool, block-diagonal causal, True = attend (module docstring)."""
-        length = self.segments.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.segments.device).tril()
-        return ((self.segments[:, :, None] == self.segments[:, None, :]) & causal).unsqueeze(1)
+        return block_causal_mask(self.segments)
 
     def padding_fraction(self) -> float:
         total = self.real_tokens + self.padding_tokens
         return self.padding_tokens / total if total else 0.0
 
     def attention_mask_for(self, attn_implementation: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The mask in the form the LM's attention takes: Hugging Face passes a 4D mask to the
-        kernel as it is, and sdpa reads True = attend, while eager *adds* the mask to the scores
-        (so it needs 0 / dtype-min; a bool mask there silently lets every token see every other).
-        flex_attention takes no mask: given none, transformers finds the packed sequences from
-        the position ids (a new sequence wherever they do not step by one: each padding token is
-        its own) and builds the block mask itself, computing no masked-out block.
-        `attn_implementation` is the LM's; dtype its compute dtype."""
-        if attn_implementation == "sdpa":
-            return self.attention_mask
-        if attn_implementation == "eager":
-            bias = torch.zeros(self.attention_mask.shape, dtype=dtype, device=self.attention_mask.device)
-            return bias.masked_fill(~self.attention_mask, torch.finfo(dtype).min)
-        if attn_implementation == "flex_attention":
-            return None
-        raise ValueError(f"no packed attention mask for attn_implementation={attn_implementation!r} "
-                         "(supported: sdpa, eager, flex_attention)")
+        """The mask in the form the LM's attention takes (attention_mask_of)."""
+        return attention_mask_of(self.segments, attn_implementation, dtype)
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with its tensors on `device`."""
@@ -140,6 +124,36 @@ class Batch:
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device)
         return Batch(**moved)
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(R, 1, L, L) bool from (R, L) sequence numbers: True where a position may attend (an
+    earlier or the same position of its own sequence), on the segments' device."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
+
+
+def attention_mask_of(segments: torch.Tensor, attn_implementation: str,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The mask in the form the LM's attention takes: Hugging Face passes a 4D mask to the
+    kernel as it is, and sdpa reads True = attend, while eager *adds* the mask to the scores
+    (so it needs 0 / dtype-min; a bool mask there silently lets every token see every other).
+    flex_attention takes no mask: given none, transformers finds the packed sequences from
+    the position ids (a new sequence wherever they do not step by one: each padding token is
+    its own) and builds the block mask itself, computing no masked-out block.
+    `attn_implementation` is the LM's; dtype its compute dtype. Built where `segments` is: the
+    training step builds it on the device from the (R, L) segments the loader ships."""
+    if attn_implementation == "sdpa":
+        return block_causal_mask(segments)
+    if attn_implementation == "eager":
+        allowed = block_causal_mask(segments)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    if attn_implementation == "flex_attention":
+        return None
+    raise ValueError(f"no packed attention mask for attn_implementation={attn_implementation!r} "
+                     "(supported: sdpa, eager, flex_attention)")
 
 
 def collate(rows: list[list[TokenSequence]], pad_id: int, length: int | None = None) -> Batch:

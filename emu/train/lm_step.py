@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from emu.data.packing import Batch, collate, micro_batches, pack
+from emu.data.packing import Batch, attention_mask_of, collate, micro_batches, pack
 from emu.data.schema import Pair, Sample
 from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
 from emu.model.config import VisionConfig
@@ -70,10 +70,26 @@ def limit_frames(sample: Sample, frames: int) -> Sample:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch: EmuModel.forward's tensor inputs on the CPU, and where its targets are."""
+    """One micro-batch on the CPU: EmuModel.forward's tensor inputs but the attention mask,
+    which `model_inputs` builds on the device from the rows' sequence numbers (an (R, L, L) mask
+    would cost the loader more to build and ship than the rest of the micro-batch), and where its
+    targets are."""
 
     inputs: dict[str, torch.Tensor]
+    segments: torch.Tensor  # (R, L) sequence number of each position (emu.data.packing)
     layout: SequenceLayout
+    attn_implementation: str
+    mask_dtype: torch.dtype
+
+    def model_inputs(self, device: torch.device | str) -> dict[str, Any]:
+        """The forward's keyword arguments on `device`, mask and layout included."""
+        moved: dict[str, Any] = {name: t.to(device, non_blocking=True) for name, t in self.inputs.items()}
+        mask = attention_mask_of(self.segments.to(device, non_blocking=True), self.attn_implementation,
+                                 self.mask_dtype)
+        if mask is not None:  # none for flex_attention: the position ids carry the packing
+            moved["attention_mask"] = mask
+        moved["layout"] = self.layout.to(device, non_blocking=True)
+        return moved
 
     @property
     def text_targets(self) -> int:
@@ -105,6 +121,7 @@ class PreparedStep:
         GPU then runs asynchronously."""
         for micro in self.micro:
             micro.inputs = {k: v.pin_memory() for k, v in micro.inputs.items()}
+            micro.segments = micro.segments.pin_memory()
             micro.layout = micro.layout.pin_memory()
         return self
 
@@ -165,9 +182,6 @@ class LMBatcher:
 
     def micro_batch(self, batch: Batch, image_size: int) -> MicroBatch:
         inputs = {"input_ids": batch.input_ids, "text_targets": batch.targets, "position_ids": batch.position_ids}
-        mask = batch.attention_mask_for(self.attn_implementation, self.mask_dtype)
-        if mask is not None:  # none for flex_attention: the position ids carry the packing
-            inputs["attention_mask"] = mask
         for kind, slots in (("image", batch.image_slots), ("frame", batch.frame_slots)):
             if not slots:
                 continue
@@ -177,7 +191,8 @@ class LMBatcher:
                 inputs["images" if kind == "image" else "frames"] = self.pixels(slots, image_size)
         layout = SequenceLayout.of(batch.input_ids, batch.targets, self.token_ids, batch.image_regress,
                                    batch.frame_regress)
-        return MicroBatch(inputs=inputs, layout=layout)
+        return MicroBatch(inputs=inputs, segments=batch.segments, layout=layout,
+                          attn_implementation=self.attn_implementation, mask_dtype=self.mask_dtype)
 
     def pixels(self, slots: list[VisualSlot], image_size: int | None = None) -> torch.Tensor:
         """uint8 pixels of the slots' images at `image_size` (default: the encoder's); EmuModel
@@ -218,8 +233,7 @@ class LMStep:
         text_sum = torch.zeros((), dtype=torch.float64, device=device)
         image_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro in prepared.micro + [self.batcher.blank() for _ in range(blanks)]:
-            out = self.engine.engine(**self._to_device(micro), encode_blank=self.encode_blank,
-                                     layout=micro.layout.to(device, non_blocking=True))
+            out = self.engine.engine(**micro.model_inputs(device), encode_blank=self.encode_blank)
             # Parts without targets (anywhere, or in this micro-batch) enter with weight 0: their
             # modules still ran and must still send (zero) gradients.
             text_scale = self.weights.text * micro.text_targets * self.world / n_text if n_text else 0.0
@@ -245,7 +259,3 @@ class LMStep:
                                  "text_targets": n_text, "image_targets": n_image, "micro_batches": n_micro,
                                  "blank_micro_batches": all_blanks, "skipped_too_long": self.skipped_too_long,
                                  "truncated": self.truncated})
-
-    def _to_device(self, micro: MicroBatch) -> dict[str, Any]:
-        """The inputs on the engine's device (pixels stay uint8 until the model normalises them)."""
-        return {name: tensor.to(self.engine.device, non_blocking=True) for name, tensor in micro.inputs.items()}

@@ -287,8 +287,7 @@ def test_lm_loss_is_the_same_with_precomputed_and_online_embeddings(world, first
         assert "images" in online.inputs and "image_embeds" in precomputed.inputs
         assert "images" not in precomputed.inputs
         with torch.no_grad():
-            a = model(**online.inputs, layout=online.layout)
-            b = model(**precomputed.inputs, layout=precomputed.layout)
+            a, b = model(**online.model_inputs("cpu")), model(**precomputed.model_inputs("cpu"))
         assert a.image_targets > 0 and a.image_targets == b.image_targets
         for name in ("loss", "text_loss", "image_loss"):
             torch.testing.assert_close(getattr(b, name), getattr(a, name))
