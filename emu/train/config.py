@@ -95,6 +95,10 @@ class RuntimeConfig:
     #: Steps each loader worker prepares ahead.
     loader_prefetch: int = 2
     seed: int = 0
+    #: Steps in a row whose loss may be non-finite (NaN or inf) before training stops with an
+    #: error (0: the first one stops it). No checkpoint is written then: it would hold the diverged
+    #: weights; the last one before stays the one to resume from.
+    nonfinite_patience: int = 0
     peak_tflops: float = 0.0   # per-device peak for MFU; 0 = a known GPU's bf16 peak, none on CPU
     progress: bool = True      # tqdm bar with ETA on rank 0
 
@@ -114,6 +118,8 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.zero3_persistence_threshold must be >= 0, got {self.zero3_persistence_threshold}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"runtime.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.nonfinite_patience < 0:
+            raise ConfigError(f"runtime.nonfinite_patience must be >= 0, got {self.nonfinite_patience}")
         if self.peak_tflops < 0 or not math.isfinite(self.peak_tflops):
             raise ConfigError(f"runtime.peak_tflops must be >= 0, got {self.peak_tflops}")
 

@@ -153,3 +153,38 @@ def _chats_too_long(tar: Path, keys: set[str], max_len: int, image_tokens: int) 
         if need.positions > max_len:
             out.append((raw.key, "chat", need))
     return out
+
+
+#: Images (or frames) a sample of each data type holds at least (video: `video_frames`, else 8).
+_MIN_IMAGES = {"image_text": 1, "grounded": 1, "interleaved": 1, "video_text": None, "video_interleaved": None,
+               "edit": 1, "text": 0, "chat": 0}
+
+
+def step_memory_bytes(config) -> int:
+    """A lower bound of the host memory one step's samples take: each sample's token ids
+    (int64, sequence.max_len of them, or none for the decoder) and its decoded images as fp32
+    (3 x image_size^2 each). Real use is several times this (activations, optimizer)."""
+    max_len = getattr(getattr(config, "sequence", None), "max_len", 0)
+    pixels = 3 * config.image_size ** 2 * 4
+    frames = getattr(config, "video_frames", 8)
+    total = 0
+    for kind, n in config.batch_sizes.items():
+        images = _MIN_IMAGES.get(kind, 0)
+        images = frames if images is None else images
+        total += int(n) * (max_len * 8 + images * pixels)
+    return total
+
+
+def check_step_memory(stage: str, config, available: int | None = None) -> None:
+    """Refuse settings whose step cannot fit this machine's memory even by the lower bound of
+    `step_memory_bytes` (a batch size of 1e12 would otherwise grow memory until the process is
+    killed), before the stage allocates anything."""
+    import psutil
+
+    need = step_memory_bytes(config)
+    available = psutil.virtual_memory().total if available is None else available
+    if need > available:
+        sizes = ", ".join(f"{k}={v}" for k, v in config.batch_sizes.items() if v)
+        raise ConfigError(f"{stage}: one step of {stage}.batch_sizes ({sizes}) at {stage}.image_size="
+                          f"{config.image_size} needs at least {need / 2**30:,.1f} GiB for its samples alone; this "
+                          f"machine has {available / 2**30:,.1f} GiB; lower {stage}.batch_sizes")

@@ -35,7 +35,7 @@ from emu.train.config import DecoderTrainConfig, InstructConfig, RuntimeConfig, 
 from emu.train.data import build_mixture
 from emu.train.lm_step import LMBatcher, LMStep, LMWeights
 from emu.train.metrics import flop_model, peak_flops
-from emu.train.preflight import check_visual_budget
+from emu.train.preflight import check_step_memory, check_visual_budget
 from emu.train.schedule import multiplier, segmented_multiplier
 from emu.train.trainer import Trainer, TrainSummary
 
@@ -53,6 +53,7 @@ class StageResult:
 # ---- shared setup ------------------------------------------------------------------------------
 
 def _start(stage: str, config: Any, out: Path) -> tuple[int, int]:
+    check_step_memory(stage, config)  # before anything is allocated
     rank, world = engine_mod.init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:

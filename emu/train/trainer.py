@@ -15,6 +15,7 @@ agrees to stop, a checkpoint is written, and `Preempted` is raised (the CLI exit
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from emu.errors import EmuError
 from emu.train import checkpoint as ckpt
 from emu.train.config import RuntimeConfig
 from emu.train.engine import Engine, all_reduce_sum, barrier
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; re-running resumes it."""
+
+
+class Diverged(EmuError):
+    """The loss was non-finite for more steps in a row than runtime.nonfinite_patience allows."""
 
 
 class DataSource(Protocol):
@@ -88,6 +94,7 @@ class Trainer:
         self.on_step_start = on_step_start
         self.checkpoints = self.out_dir / "checkpoints"
         self._stop_requested = False
+        self._nonfinite = 0  # steps in a row with a non-finite loss
 
     def run(self) -> TrainSummary:
         start, tag = self._resume()
@@ -107,6 +114,7 @@ class Trainer:
                     raise Preempted(f"{self.stage}: stopped by SIGTERM after {step} steps; "
                                     f"checkpoint {ckpt.tag_of(step)} written, re-run to resume")
                 last = self._train_step(step, batches, metrics)
+                self._check_finite(step, last)
                 done = step + 1
                 if self.runtime.checkpoint_every and done % self.runtime.checkpoint_every == 0 and done < self.steps:
                     self._save(done)
@@ -146,6 +154,20 @@ class Trainer:
         if step % self.runtime.log_every == 0 or step + 1 == self.steps:
             metrics.log(record)
         return record
+
+    def _check_finite(self, step: int, record: dict[str, Any]) -> None:
+        """Stop (Diverged) once the loss has been non-finite for more than nonfinite_patience steps
+        in a row: training on would export a NaN model and exit 0. The loss is already the global
+        mean, so every rank decides alike."""
+        loss = record.get("loss")
+        if loss is None or math.isfinite(loss):
+            self._nonfinite = 0
+            return
+        self._nonfinite += 1
+        if self._nonfinite > self.runtime.nonfinite_patience:
+            raise Diverged(f"{self.stage}: the loss is {loss} at step {step + 1} ({self._nonfinite} non-finite step(s) in "
+                           f"a row; {self.stage}.runtime.nonfinite_patience={self.runtime.nonfinite_patience}); "
+                           f"lower the learning rates or check the data; the last checkpoint is kept")
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ a process to die or several to cooperate: those run the `emu` console script.
 """
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -270,6 +271,32 @@ def test_missing_init_is_a_one_line_error(world, tmp_path):
                    "--preset", "tiny", "batch_sizes={text: 1}")
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2 and "stage2.init must name the previous stage's model" in output
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(world, stage1_out, tmp_path):
+    """lr=1e308: the first update blows the weights up, the second step's loss is not finite;
+    with nonfinite_patience=1 one such step is tolerated, the next stops the stage (exit 2, one
+    line), with no model exported and no checkpoint of the diverged weights."""
+    out = tmp_path / "diverged"
+    proc = run_emu(*stage2_args(world, stage1_out / "model", out, "lr=1e308", "runtime.nonfinite_patience=1",
+                                "runtime.checkpoint_every=0"))
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, output
+    (line,) = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert re.search(r"stage2: the loss is (nan|inf) at step 3 \(2 non-finite step\(s\) in a row; "
+                     r"stage2.runtime.nonfinite_patience=1\)", line), line
+    assert "Traceback" not in output
+    assert not (out / "model").exists() and not (out / "checkpoints" / "latest").exists()
+
+
+def test_an_absurd_batch_size_is_refused_before_anything_is_allocated(world, tmp_path):
+    proc = run_emu("train", "stage1", "--data", str(world / "img2dataset"), "--out", str(tmp_path / "o"),
+                   "--preset", "tiny", "batch_sizes={image_text: 1000000000000}")
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, output
+    assert re.search(r"^error: stage1: one step of stage1.batch_sizes \(image_text=1000000000000\) at "
+                     r"stage1.image_size=\d+ needs at least [\d,.]+ GiB for its samples alone", output, re.M), output
+    assert "Traceback" not in output
 
 
 def test_frozen_module_asked_to_train_is_refused_before_training():
