@@ -451,7 +451,7 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_UNUSABLE)
     except OSError as exc:  # disk full, read-only, permission, --out is a file: the path and the cause
-        typer.echo(f"error: {os_error_line(exc)}", err=True)
+        typer.echo(f"error: {os_error_line(exc, _output_option(sys.argv[1:]))}", err=True)
         sys.exit(EXIT_UNUSABLE)
     except (OverflowError, MemoryError) as exc:  # a huge number in a setting
         typer.echo(f"error: a setting is too large for this machine: {exc or type(exc).__name__}", err=True)
@@ -472,6 +472,18 @@ def main() -> None:
         else:
             typer.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(EXIT_UNUSABLE)
+
+
+def _output_option(argv: list[str]) -> str | None:
+    """The `--out`/`--report` folder of the command line: what a failed write without a file
+    name (a full disk reports none) was writing under."""
+    for i, arg in enumerate(argv):
+        for option in ("--out", "--report"):
+            if arg == option and i + 1 < len(argv):
+                return f"{option} {argv[i + 1]}"
+            if arg.startswith(option + "="):
+                return f"{option} {arg.split('=', 1)[1]}"
+    return None
 
 
 if __name__ == "__main__":
