@@ -31,8 +31,9 @@ __all__ = ["GateCheck", "GateConfig", "GateResult", "MetricThreshold", "check_ga
 
 Direction = Literal["higher", "lower"]
 #: Metrics whose smaller values are better, by their last name part (FID: a distance between
-#: feature distributions); every other metric here (accuracy, CIDEr, CLIP scores) is higher-better.
-LOWER_IS_BETTER = frozenset({"fid"})
+#: feature distributions; MSE: a pixel error); every other metric here (accuracy, CIDEr, CLIP
+#: scores) is higher-better.
+LOWER_IS_BETTER = frozenset({"fid", "mse"})
 
 
 def direction_of(metric: str) -> Direction:

@@ -23,6 +23,14 @@ Chance levels, so that a model ignoring its input scores at chance:
                  same question type in the benchmark;
   coco-captions  CIDEr-D of the model's own captions assigned to the wrong images (a derangement);
   autoencode/t2i similarity of each image to a different real image.
+
+Baselines (`baseline_<metric>`), what training must beat:
+  vqav2, coco-captions  the same architecture untrained (`evaluate.untrained_baseline`);
+  autoencode            the mean image of the benchmark (pixel MSE and encoder similarity): a decoder
+                        that ignored its condition could at best output it.
+
+Besides metrics.json and the reports, the results are written as lmms-eval writes them
+(emu.evaluate.lmms): results.json and one samples_<task>.jsonl per task.
 """
 
 from __future__ import annotations
@@ -41,12 +49,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from emu.config import resolve, save_resolved
+from emu.config import resolve, save_resolved, to_dict
 from emu.data.schema import VQA, Captions, Chat, Interleaved, Segment, Turn
 from emu.data.sequence import IGNORE, SequenceBuilder, SequenceRules
 from emu.data.shards import iter_samples
 from emu.errors import ConfigError
-from emu.evaluate import cider, metrics, report, vqa
+from emu.evaluate import cider, lmms, metrics, report, vqa
 from emu.evaluate.gate import check_gate, gate_lines, gate_table, load_gate
 
 log = logging.getLogger(__name__)
@@ -81,6 +89,10 @@ class EvaluateConfig:
     fid_features: Literal["encoder", "clip"] = "encoder"
     guidance_scale: float = 3.0
     inference_steps: int = 0     # 0 = the decoder's own (Emu2: 50)
+    #: Also score the same architecture untrained (random weights, or the pretrained parts the
+    #: model section names) on vqav2 and coco-captions: the `baseline_*` figures the report shows
+    #: beside each score. It builds and runs a second model, so presets of big models leave it off.
+    untrained_baseline: bool = False
     #: Gate file (thresholds per metric); empty = no gate.
     baseline: str = ""
     seed: int = 0
@@ -168,6 +180,7 @@ def evaluate(config: EvaluateConfig, model_path: str, out: Path, decoder: str | 
         sections.insert(1, report.Section("Gate", tables=[gate_table(gate)]))
     (out / "metrics.json").write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     (out / "kfp_metrics.json").write_text(json.dumps(flat_metrics(results), indent=2), encoding="utf-8")
+    lmms.write_results(out, results, runner.samples, config=to_dict(config), model=str(model_path), decoder=decoder)
     write_reports(out, sections)
     return EvalResult(metrics=payload, out_dir=out, gate=gate, sections=sections)
 
@@ -190,22 +203,36 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def summary_table(results: dict[str, Any]) -> report.Table:
+    """One row per metric: its score beside its baseline (`baseline_<metric>`: the untrained model,
+    the mean image) and its chance level (`chance_<metric>`, else the bench's `chance`), and which
+    way it improves."""
+    from emu.evaluate.gate import direction_of
+
     rows = []
     for bench, result in results.items():
         for name, value in result.items():
-            if name.startswith("chance") or name in ("n", "seconds") or not isinstance(value, (int, float)):
+            if name.startswith(("chance", "baseline_")) or name in ("n", "seconds") \
+                    or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             chance = result.get(f"chance_{name}", result.get("chance"))
-            rows.append([bench, name, float(value), None if chance is None else float(chance), result.get("n")])
-    return report.Table(columns=["benchmark", "metric", "score", "chance", "items"], rows=rows)
+            baseline = result.get(f"baseline_{name}")
+            rows.append([bench, name, float(value), None if baseline is None else float(baseline),
+                         None if chance is None else float(chance), direction_of(name), result.get("n")])
+    return report.Table(columns=["benchmark", "metric", "score", "baseline", "chance", "better", "items"], rows=rows,
+                        caption="baseline: the same model untrained (VQA, captions), the benchmark's mean image "
+                                "(autoencoding); chance: an answer or image that ignores the input")
 
 
 def summary_lines(payload: dict[str, Any]) -> list[str]:
     table = summary_table(payload["benches"])
-    lines = [f"{'benchmark':<15} {'metric':<22} {'score':>9} {'chance':>9} {'items':>6}"]
-    for bench, name, score, chance, n in table.rows:
-        lines.append(f"{bench:<15} {name:<22} {score:>9.3f} {'' if chance is None else f'{chance:9.3f}':>9} {n or '':>6}")
+    lines = [f"{'benchmark':<15} {'metric':<22} {'score':>9} {'baseline':>9} {'chance':>9} {'items':>6}"]
+    for bench, name, score, baseline, chance, _, n in table.rows:
+        lines.append(f"{bench:<15} {name:<22} {score:>9.3f} {_cell(baseline):>9} {_cell(chance):>9} {n or '':>6}")
     return lines
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:9.3f}"
 
 
 # ---- the benchmarks -----------------------------------------------------------------------------
@@ -215,6 +242,9 @@ class _Runner:
         self.config, self.model, self.tokenizer, self.out = config, model, tokenizer, out
         self.decoder_path = decoder
         self._decoder = None
+        self._untrained_model = None
+        #: task -> one record per question or image (emu.evaluate.lmms writes samples_<task>.jsonl)
+        self.samples: dict[str, list[dict[str, Any]]] = {}
         rules = dict(image_tokens=model.config.tokens_per_image(),
                      frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side), max_len=1 << 16)
         self.chat = SequenceBuilder(tokenizer, SequenceRules(mode="chat", **rules))
@@ -250,15 +280,29 @@ class _Runner:
             answers = self._generate(prompts, self.config.max_new_tokens)
             predictions = [{"question_id": item.question_id, "answer": answer} for item, answer in zip(items, answers)]
             (self.out / f"vqav2_{k}shot_predictions.json").write_text(json.dumps(predictions, indent=1))
-            scored = vqa.score_vqa(questions, annotations, predictions)
+            scored = vqa.score_vqa(questions, annotations, predictions, per_question=True)
             result["accuracy" if k == 0 else f"accuracy_{k}shot"] = scored["overall"]
+            self.samples["vqav2" if k == 0 else f"vqav2_{k}shot"] = [
+                {"doc_id": i, "doc": {"question_id": item.question_id, "image_id": item.image_id,
+                                      "question": item.question, "question_type": item.question_type,
+                                      "answer_type": item.answer_type, "answers": list(item.answers)},
+                 "input": self._text(prompt), "target": item.multiple_choice_answer, "resps": [[answer]],
+                 "filtered_resps": [answer], "vqa_accuracy": scored["per_question"][str(item.question_id)]}
+                for i, (item, prompt, answer) in enumerate(zip(items, prompts, answers))]
             if k == 0:
                 result["per_answer_type"] = scored["per_answer_type"]
                 examples = [[item.question, answer, item.multiple_choice_answer] for item, answer in
                             zip(items[:8], answers[:8])]
+        if self.config.untrained_baseline:
+            answers = self._generate([self._vqa_prompt(item, []) for item in items], self.config.max_new_tokens,
+                                     self._untrained())
+            predictions = [{"question_id": item.question_id, "answer": answer} for item, answer in zip(items, answers)]
+            result["baseline_accuracy"] = vqa.score_vqa(questions, annotations, predictions)["overall"]
         section = report.Section(
             "VQAv2 (shapes world)", text=f"{len(items)} questions; official VQA accuracy; chance = uniform guess "
-                                         "among the answers to the same question type.",
+                                         "among the answers to the same question type"
+                                         + ("; baseline = the same model untrained." if self.config.untrained_baseline
+                                            else "."),
             tables=[report.Table(["question", "prediction", "answer"], examples, caption="Examples")],
             figures=[report.Figure(item.images[0], item.question) for item in items[:4]])
         return result, section
@@ -295,14 +339,24 @@ class _Runner:
         captions = self._generate(prompts, self.config.caption_tokens)
         predictions = [{"image_id": c.image_id, "caption": text} for c, text in zip(items, captions)]
         (self.out / "coco_captions_predictions.json").write_text(json.dumps(predictions, indent=1))
-        scored = cider.score_captions(annotations, predictions)
+        scored = cider.score_captions(annotations, predictions, per_image=True)
         deranged = [{"image_id": p["image_id"], "caption": captions[(i + 1) % len(captions)]}
                     for i, p in enumerate(predictions)] if len(captions) > 1 else predictions
         chance = cider.score_captions(annotations, deranged)["cider"]
         result = {"n": len(items), "cider": scored["cider"], "chance": chance}
+        if self.config.untrained_baseline:
+            untrained = self._generate(prompts, self.config.caption_tokens, self._untrained())
+            result["baseline_cider"] = cider.score_captions(
+                annotations, [{"image_id": c.image_id, "caption": text} for c, text in zip(items, untrained)])["cider"]
+        self.samples["coco_captions"] = [
+            {"doc_id": i, "doc": {"image_id": c.image_id}, "input": self._text(prompt), "target": list(c.captions),
+             "resps": [[text]], "filtered_resps": [text], "cider": scored["per_image"][str(c.image_id)]}
+            for i, (c, prompt, text) in enumerate(zip(items, prompts, captions))]
         section = report.Section(
             "COCO captions (shapes world)", text="CIDEr-D (pycocoevalcap parity); chance = the same captions "
-                                                 "given to the wrong images.",
+                                                 "given to the wrong images"
+                                                 + ("; baseline = the same model untrained."
+                                                    if self.config.untrained_baseline else "."),
             figures=[report.Figure(c.images[0], f"{text} | reference: {c.captions[0]}")
                      for c, text in zip(items[:6], captions[:6])])
         return result, section
@@ -314,12 +368,26 @@ class _Runner:
         real = [_pil(c.images[0]) for c in items]
         conditions = self._encode(real)
         recon = self._decode(conditions)
-        result = {"n": len(items), **self._image_similarity(recon, real)}
+        # The VAE alone (encode, decode the posterior mode): the best the diffusion decoder can reach.
+        through_vae = self._through_vae(real)
+        mean = _mean_image(real)
+        result = {"n": len(items), **self._image_similarity(recon, real),
+                  "baseline_encoder_i": self._image_similarity([mean] * len(real), real)["encoder_i"],
+                  "pixel_mse": _pixel_mse(recon, real), "baseline_pixel_mse": _pixel_mse([mean] * len(real), real),
+                  "vae_pixel_mse": _pixel_mse(through_vae, real)}
         result["fid"] = self._fid(real, recon)
-        figures = [report.Figure(_side_by_side(a, b), "original | reconstruction") for a, b in zip(real[:6], recon[:6])]
+        gen_e, real_e = self._features(recon), self._features(real)
+        self.samples["autoencode"] = [
+            {"doc_id": i, "doc": {"image_id": c.image_id}, "target": "the input image",
+             "pixel_mse": _pixel_mse([r], [x]), "encoder_i": metrics.clip_i(g[None], e[None])["mean"]}
+            for i, (c, r, x, g, e) in enumerate(zip(items, recon, real, gen_e, real_e))]
+        figures = [report.Figure(_row([a, v, b]), "original | VAE alone | decoder (diffusion)")
+                   for a, v, b in zip(real[:6], through_vae[:6], recon[:6])]
         return result, report.Section("Autoencoding (encode -> decoder)", figures=figures,
-                                      text="Similarity of each reconstruction to its original; chance = to a "
-                                           "different original.")
+                                      text="Similarity of each reconstruction to its original (encoder_i: cosine of "
+                                           "mean encoder embeddings; pixel_mse: on [0, 1] pixels, lower is better); "
+                                           "chance = a different original; baseline = the benchmark's mean image; "
+                                           "vae_pixel_mse = the VAE alone, the decoder's ceiling.")
 
     def t2i(self) -> tuple[dict[str, Any], report.Section]:
         from emu.data.schema import Pair
@@ -344,6 +412,10 @@ class _Runner:
                   "clip_i": metrics.clip_i(gen_i, real_i)["mean"],
                   "chance_clip_i": metrics.clip_i(torch.roll(real_i, 1, 0), real_i)["mean"],
                   "chance_clip_t": metrics.clip_t(torch.roll(real_i, 1, 0), text_t)["mean"]}
+        self.samples["t2i"] = [
+            {"doc_id": i, "doc": {"image_id": c.image_id}, "input": caption, "target": "the caption's image",
+             "clip_t": metrics.clip_t(g[None], t[None])["mean"], "clip_i": metrics.clip_i(g[None], r[None])["mean"]}
+            for i, (c, caption, g, t, r) in enumerate(zip(items, captions, gen_i, text_t, real_i))]
         figures = [report.Figure(img, cap) for img, cap in zip(images[:6], captions[:6])]
         return result, report.Section("Text to image", figures=figures)
 
@@ -373,14 +445,38 @@ class _Runner:
     # -- model calls -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _encode(self, images: list[Image.Image]) -> torch.Tensor:
+    def _encode(self, images: list[Image.Image], model=None) -> torch.Tensor:
         from emu.model.vision import preprocess
 
+        model = model or self.model
         out = []
         for i in range(0, len(images), self.config.batch_size):
-            pixels = preprocess(images[i:i + self.config.batch_size], self.model.visual.config)
-            out.append(self.model.encode_images(pixels))
+            pixels = preprocess(images[i:i + self.config.batch_size], model.visual.config)
+            out.append(model.encode_images(pixels))
         return torch.cat(out)
+
+    def _untrained(self):
+        """The evaluated architecture before training: built from its config with the evaluation
+        seed (random weights, or the pretrained parts its model section names)."""
+        if self._untrained_model is None:
+            from emu.model.emu import EmuModel
+
+            with torch.random.fork_rng():
+                torch.manual_seed(self.config.seed)
+                self._untrained_model = EmuModel.build(self.model.config, self.tokenizer).eval()
+        return self._untrained_model
+
+    @torch.no_grad()
+    def _through_vae(self, images: list[Image.Image]) -> list[Image.Image]:
+        from emu.precompute.encoder import unit_range
+
+        decoder = self._visual_decoder()
+        out = []
+        for i in range(0, len(images), self.config.batch_size):
+            batch = [img.resize((decoder.config.image_size,) * 2, Image.BICUBIC) for img in images[i:i + self.config.batch_size]]
+            latents = decoder.encode_latents(unit_range(batch), sample=False)
+            out += [_tensor_to_pil(img) for img in decoder.decode_latents(latents)]
+        return out
 
     @torch.no_grad()
     def _decode(self, conditions: torch.Tensor) -> list[Image.Image]:
@@ -404,9 +500,10 @@ class _Runner:
         return self._decoder
 
     @torch.no_grad()
-    def _generate(self, prompts: list[Prompt], max_new_tokens: int) -> list[str]:
+    def _generate(self, prompts: list[Prompt], max_new_tokens: int, model=None) -> list[str]:
         from emu.model.generation import generate_text
 
+        model = model or self.model
         tok = self.tokenizer
         texts: list[str] = []
         for start in range(0, len(prompts), self.config.batch_size):
@@ -415,14 +512,18 @@ class _Runner:
             ids = torch.tensor([[tok.pad_token_id] * (width - len(p.ids)) + p.ids for p in batch])
             mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in batch])
             images = [_pil(data) for p in batch for data in p.images]
-            embeds = self._encode(images) if images else None
-            new = generate_text(self.model, ids, attention_mask=mask, image_embeds=embeds,
+            embeds = self._encode(images, model) if images else None
+            new = generate_text(model, ids, attention_mask=mask, image_embeds=embeds,
                                 max_new_tokens=max_new_tokens, num_beams=self.config.num_beams,
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             texts += [_answer(tok.decode(row, skip_special_tokens=True)) for row in new]
         return texts
 
     # -- prompts -----------------------------------------------------------------------------
+
+    def _text(self, prompt: Prompt) -> str:
+        """A prompt as text, special tokens (image placeholders included) kept: a sample's input."""
+        return self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
 
     def _cut(self, sequence, images: list[bytes]) -> Prompt:
         """A chat sequence up to where its last answer starts: what the model must continue."""
@@ -533,10 +634,32 @@ def _tensor_to_pil(image_CHW: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _side_by_side(a: Image.Image, b: Image.Image) -> Image.Image:
-    b = b.resize(a.size)
-    canvas = Image.new("RGB", (a.width * 2, a.height))
-    canvas.paste(a, (0, 0))
-    canvas.paste(b, (a.width, 0))
+def _row(images: list[Image.Image], height: int = 128) -> Image.Image:
+    """Images side by side, each scaled (nearest: pixels stay visible) to `height`: a 64-pixel
+    original and its reconstructions are too small to judge at their own size."""
+    scaled = [img.resize((round(img.width * height / img.height), height), Image.NEAREST) for img in images]
+    canvas = Image.new("RGB", (sum(img.width for img in scaled) + 4 * (len(scaled) - 1), height), (255, 255, 255))
+    x = 0
+    for img in scaled:
+        canvas.paste(img, (x, 0))
+        x += img.width + 4
     return canvas
+
+
+def _mean_image(images: list[Image.Image]) -> Image.Image:
+    """The pixel-wise mean of `images` (all resized to the first one's size)."""
+    import numpy as np
+
+    size = images[0].size
+    mean = np.mean([np.asarray(img.resize(size), dtype=np.float64) for img in images], axis=0)
+    return Image.fromarray(mean.round().astype(np.uint8))
+
+
+def _pixel_mse(generated: list[Image.Image], real: list[Image.Image]) -> float:
+    """Mean squared error on [0, 1] pixels, each generated image resized to its original's size."""
+    import numpy as np
+
+    errors = [np.mean((np.asarray(g.resize(r.size), dtype=np.float64) / 255 - np.asarray(r, dtype=np.float64) / 255) ** 2)
+              for g, r in zip(generated, real)]
+    return float(np.mean(errors))
 

@@ -68,7 +68,7 @@ def test_vqa_chance_is_the_expected_accuracy_of_a_uniform_guess():
 def test_harness_writes_predictions_metrics_and_reports(setup, tmp_path):
     config = EvaluateConfig(benches=["vqav2", "coco-captions", "autoencode", "t2i"], data_root=str(setup / "shards"),
                             shots=[0, 2], max_new_tokens=3, caption_tokens=6, clip_model=str(setup / "clip"),
-                            inference_steps=2)
+                            inference_steps=2, untrained_baseline=True)
     result = evaluate(config, str(setup / "model"), tmp_path, decoder=str(setup / "decoder"))
     benches = result.metrics["benches"]
     n_questions = sum(1 for _ in json.loads((tmp_path / "vqav2_0shot_predictions.json").read_text()))
@@ -76,8 +76,17 @@ def test_harness_writes_predictions_metrics_and_reports(setup, tmp_path):
     assert 0 <= benches["vqav2"]["accuracy"] <= 100 and "accuracy_2shot" in benches["vqav2"]
     assert 0 < benches["vqav2"]["chance"] < 100
     assert "cider" in benches["coco-captions"] and "chance" in benches["coco-captions"]
-    for name in ("encoder_i", "chance_encoder_i", "clip_i", "fid"):
+    for name in ("encoder_i", "chance_encoder_i", "clip_i", "fid", "pixel_mse", "baseline_pixel_mse",
+                 "baseline_encoder_i", "vae_pixel_mse"):
         assert name in benches["autoencode"]
+    # The untrained model here is the evaluated one (both random with the same seed and config).
+    assert benches["vqav2"]["baseline_accuracy"] == benches["vqav2"]["accuracy"]
+    assert benches["coco-captions"]["baseline_cider"] == pytest.approx(benches["coco-captions"]["cider"])
+    summary = result.sections[0].tables[0]
+    assert summary.columns[:5] == ["benchmark", "metric", "score", "baseline", "chance"]
+    rows = {(row[0], row[1]): row for row in summary.rows}
+    assert rows[("vqav2", "accuracy")][3] == benches["vqav2"]["baseline_accuracy"]
+    assert rows[("autoencode", "pixel_mse")][3:6] == [benches["autoencode"]["baseline_pixel_mse"], None, "lower"]
     for name in ("clip_t", "clip_i", "chance_clip_i"):
         assert name in benches["t2i"]
     kfp = json.loads((tmp_path / "kfp_metrics.json").read_text())
@@ -106,3 +115,28 @@ def test_missing_benchmark_data_is_a_clear_error(setup, tmp_path):
     config = EvaluateConfig(benches=["vqav2"], data_root=str(tmp_path))
     with pytest.raises(ConfigError, match="is not a dataset"):
         evaluate(config, str(setup / "model"), tmp_path / "out")
+
+
+def test_results_are_also_written_as_lmms_eval_files(setup, tmp_path):
+    config = EvaluateConfig(benches=["vqav2", "coco-captions", "autoencode"], data_root=str(setup / "shards"),
+                            shots=[0, 2], max_new_tokens=3, caption_tokens=6, inference_steps=2)
+    result = evaluate(config, str(setup / "model"), tmp_path, decoder=str(setup / "decoder"))
+    benches = result.metrics["benches"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["results"]) == {"vqav2", "vqav2_2shot", "coco_captions", "autoencode"}
+    assert results["results"]["vqav2"]["accuracy,none"] == benches["vqav2"]["accuracy"]
+    assert results["results"]["vqav2_2shot"]["accuracy,none"] == benches["vqav2"]["accuracy_2shot"]
+    assert results["n-shot"] == {"vqav2": 0, "vqav2_2shot": 2, "coco_captions": 0, "autoencode": 0}
+    assert results["config"]["model_args"].startswith(f"pretrained={setup / 'model'}")
+    predictions = json.loads((tmp_path / "vqav2_0shot_predictions.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "samples_vqav2.jsonl").read_text().splitlines()]
+    assert results["n-samples"]["vqav2"] == {"original": len(predictions), "effective": len(predictions)}
+    # one line per question: its input, prediction, target and score, which average to the metric
+    assert [line["resps"][0][0] for line in lines] == [p["answer"] for p in predictions]
+    assert all("[IMG]" in line["input"] and line["target"] for line in lines)
+    assert sum(line["vqa_accuracy"] for line in lines) / len(lines) == pytest.approx(benches["vqav2"]["accuracy"], abs=0.01)
+    captions = [json.loads(line) for line in (tmp_path / "samples_coco_captions.jsonl").read_text().splitlines()]
+    assert len(captions) == benches["coco-captions"]["n"] and all(len(c["target"]) >= 1 for c in captions)
+    assert sum(c["cider"] for c in captions) / len(captions) == pytest.approx(benches["coco-captions"]["cider"])
+    images = [json.loads(line) for line in (tmp_path / "samples_autoencode.jsonl").read_text().splitlines()]
+    assert sum(i["pixel_mse"] for i in images) / len(images) == pytest.approx(benches["autoencode"]["pixel_mse"])
