@@ -73,10 +73,19 @@ def node_command(job: NodeJob) -> list[str]:
 
 
 def train(stage: str, configs: dict[str, Any], inputs: dict[str, tuple[Path, str]], sources: list[Path],
-          out: Path, in_process: Callable[[], Any]) -> None:
+          out: Path, in_process: Callable[[], Any], checkpoints: Path | None = None) -> None:
     """Run the training stage where the task's layout says; `configs` are its resolved config
     objects (section -> dataclass), `inputs` name -> (local path, DVC md5), `in_process` the plain
-    call of the stage function."""
+    call of the stage function, `checkpoints` the task's checkpoint location, mirrored to S3 while
+    it trains when EMU_CHECKPOINT_REMOTE is set (emu.artifacts.checkpoint_sync)."""
+    from emu.artifacts.checkpoint_sync import mirrored
+
+    with mirrored(checkpoints):
+        _train(stage, configs, inputs, sources, out, in_process)
+
+
+def _train(stage: str, configs: dict[str, Any], inputs: dict[str, tuple[Path, str]], sources: list[Path],
+           out: Path, in_process: Callable[[], Any]) -> None:
     from emu.config import to_dict
 
     launch = Launch.from_env()

@@ -234,12 +234,12 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
     with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset")}) as run:
         out = Path(model.path)
-        attach_checkpoints(out, "stage1", resume_key("stage1", config=to_dict(cfg), model=to_dict(architecture),
+        location = attach_checkpoints(out, "stage1", resume_key("stage1", config=to_dict(cfg), model=to_dict(architecture),
                                                      dataset=dataset_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         launch.train("stage1", {"stage1": cfg, "model": architecture}, {"dataset": (Path(dataset), dataset_md5)},
-                     sources, out, lambda: stage1(cfg, architecture, sources, out))
+                     sources, out, lambda: stage1(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
@@ -276,14 +276,14 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
     with execution("decoder", {"decoder": to_dict(cfg), "visual_decoder": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
         out = Path(decoder.path)
-        attach_checkpoints(out, "decoder", resume_key("decoder", config=to_dict(base), model=to_dict(architecture),
+        location = attach_checkpoints(out, "decoder", resume_key("decoder", config=to_dict(base), model=to_dict(architecture),
                                                       dataset=dataset_md5, encoder=encoder_md5),
                            folders=("checkpoints", "vae/checkpoints"))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         launch.train("decoder", {"decoder": cfg, "visual_decoder": architecture},
                      {"dataset": (Path(dataset), dataset_md5), "encoder": (Path(encoder), encoder_md5)},
-                     sources, out, lambda: train_decoder(cfg, architecture, sources, out))
+                     sources, out, lambda: train_decoder(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
 
@@ -310,13 +310,13 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
     with execution(stage, cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
                                 "embeddings": (embeddings_md5, "embeddings")}) as run:
         out = Path(model.path)
-        attach_checkpoints(out, stage, resume_key(stage, config=to_dict(base), dataset=dataset_md5, init=init_md5,
+        location = attach_checkpoints(out, stage, resume_key(stage, config=to_dict(base), dataset=dataset_md5, init=init_md5,
                                                   embeddings=embeddings_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         launch.train(stage, {stage: cfg}, {"dataset": (Path(dataset), dataset_md5), "init": (Path(init), init_md5),
                                            "embeddings": (Path(embeddings), embeddings_md5)},
-                     sources, out, lambda: train(cfg, sources, out))
+                     sources, out, lambda: train(cfg, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
