@@ -43,8 +43,12 @@ def resume_key(stage: str, **parts: Any) -> str:
 def attach_checkpoints(out: Path, stage: str, key: str, folders: tuple[str, ...] = ("checkpoints",)) -> Path:
     """Make each of `out`/`folders` (the folders the stage's trainers checkpoint into) a link to
     the stable location for `key`; say so when an interrupted execution left checkpoints there.
-    Returns the location."""
+    Two runs that would train the same stage on the same inputs (same key) at once do not both
+    write there: the second waits for the first to end (a lock held for the life of the task
+    process, released by the kernel however it ends), then resumes from what it left, usually
+    its final checkpoint, so it reuses the work instead of doing it again. Returns the location."""
     location = checkpoint_location(stage, key)
+    _lock(location, stage, key)
     for folder in folders:
         target = location / folder
         target.mkdir(parents=True, exist_ok=True)
@@ -60,3 +64,25 @@ def attach_checkpoints(out: Path, stage: str, key: str, folders: tuple[str, ...]
             log.info("%s: resuming an interrupted execution with the same cache key %s from its checkpoint %s "
                      "(%s)", stage, key, latest.read_text(encoding="utf-8").strip(), target)
     return location
+
+
+#: Lock files held by this process, by location (a task trains one stage, then exits: the kernel
+#: releases them). flock conflicts between two opens of one file even in one process, so a
+#: location this process holds already is not locked again.
+_HELD: dict[Path, object] = {}
+
+
+def _lock(location: Path, stage: str, key: str) -> None:
+    import fcntl
+
+    location.mkdir(parents=True, exist_ok=True)
+    if location.resolve() in _HELD:
+        return
+    handle = open(location / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("%s: another run is training this stage on the same inputs (cache key %s); waiting for it, "
+                 "then resuming from its checkpoints", stage, key)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    _HELD[location.resolve()] = handle
