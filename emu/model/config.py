@@ -203,8 +203,11 @@ class DecoderConfig:
     beta_end: float = 0.012
     #: How betas go from start to end (SDXL: scaled_linear, i.e. linear in sqrt(beta)).
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
-    #: What the UNet predicts; Emu2's scheduler_config says epsilon, the only one implemented.
-    prediction_type: Literal["epsilon"] = "epsilon"
+    #: What the UNet predicts: the noise (epsilon: Emu2's scheduler_config, SDXL) or the velocity
+    #: sqrt(a)*eps - sqrt(1-a)*x0 (v_prediction, Salimans & Ho 2022 §4; SD 2.x). A decoder
+    #: trained from scratch in few steps learns the image from its condition faster with v: at
+    #: high noise epsilon's target is almost the noisy input, v's is almost the clean image.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     #: How the sampler spaces its inference timesteps (SDXL / Emu2: leading).
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
     #: Offset added to leading-spaced inference timesteps (SDXL / Emu2: 1).

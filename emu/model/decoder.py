@@ -230,7 +230,7 @@ class VisualDecoder(nn.Module):
     def training_loss(self, latents_BCHW: torch.Tensor, condition_BND: torch.Tensor,
                       time_ids: torch.Tensor, condition_drop: float = 0.1, noise_offset: float = 0.1,
                       generator: torch.Generator | None = None) -> DecoderLoss:
-        """Epsilon-prediction MSE on one batch of scaled VAE latents (from `encode_latents` or the
+        """Epsilon- (or v-) prediction MSE on one batch of scaled VAE latents (from `encode_latents` or the
         precompute stage) and their (B, n, D_vis) visual embeddings.
 
         Each sample's condition is replaced by `unconditional()` with probability `condition_drop`
@@ -261,8 +261,11 @@ class VisualDecoder(nn.Module):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps_B)
         added = self.added_conditions(condition, self._time_ids(time_ids, batch, device))
         pred = self.unet(noisy.to(dtype), timesteps_B, encoder_hidden_states=condition, added_cond_kwargs=added).sample
-        # prediction_type epsilon (Emu2 scheduler_config.json): the target is the noise, offset included.
-        loss = F.mse_loss(pred.float(), noise, reduction="mean")
+        # epsilon (Emu2 scheduler_config.json): the target is the noise, offset included; v_prediction:
+        # the velocity of that same noise (diffusers' get_velocity, what its schedulers invert).
+        goal = noise if self.config.prediction_type == "epsilon" else \
+            self.noise_scheduler.get_velocity(latents, noise, timesteps_B)
+        loss = F.mse_loss(pred.float(), goal, reduction="mean")
         return DecoderLoss(loss=loss, dropped_B=dropped_B)
 
     def forward(self, *args: Any, **kwargs: Any) -> DecoderLoss:

@@ -287,12 +287,26 @@ class DecoderTrainConfig:
     #: are a fixed function of each image. The store holds one center crop per image, so it needs
     #: `augment` false. Empty: encode online, in micro-batches of runtime.micro_batch_size.
     precomputed: str = ""
+    #: Steps of the VAE phase that runs before the UNet's when no pretrained decoder is named
+    #: (`init` empty): a random VAE decodes every latent to noise, so the platform trains one on the
+    #: stage's images first, as latent diffusion trains its autoencoder before the UNet (LDM §3.1;
+    #: emu.model.vae). Ignored with `init`: a pretrained decoder brings its trained VAE (Emu2 §2.2.3).
+    vae_steps: int = 1000
+    vae_lr: float = 1e-4
+    #: Weight of the KL term of the VAE loss (LDM's kl_weight).
+    vae_kl_weight: float = 1e-6
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, grad_clip=1.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(decay="linear", warmup="log"))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        if self.vae_steps < 0:
+            raise ConfigError(f"decoder.vae_steps must be >= 0, got {self.vae_steps}")
+        if not self.vae_lr > 0:
+            raise ConfigError(f"decoder.vae_lr must be > 0, got {self.vae_lr}")
+        if not self.vae_kl_weight >= 0:
+            raise ConfigError(f"decoder.vae_kl_weight must be >= 0, got {self.vae_kl_weight}")
         _check_common("decoder", self.steps, self.batch_sizes, ("image_text", "grounded", "edit", "chat"),
                       self.image_size)
         if self.output_size < 8:

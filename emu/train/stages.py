@@ -117,7 +117,10 @@ def _export(engine: engine_mod.Engine, model: EmuModel, tokenizer, folder: Path,
 
 
 def _finish(stage: str, out: Path, export: Path, summary: TrainSummary, rank: int, extra: dict | None = None) -> StageResult:
-    record = {"stage": stage, "steps": summary.steps, "resumed_from": summary.resumed_from,
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    record = {"stage": stage, "steps": summary.steps, "resumed_from": summary.resumed_from, "world_size": world,
               "seconds": round(summary.seconds, 2), "final": summary.final, "export": str(export), **(extra or {})}
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
@@ -326,6 +329,19 @@ def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data:
     if decoder.config.image_size != config.output_size:
         raise ConfigError(f"decoder.output_size {config.output_size} differs from the decoder's "
                          f"{decoder.config.image_size} px (visual_decoder.sample_size x VAE factor)")
+    vae = {}
+    if not config.init and config.vae_steps:
+        if config.precomputed:
+            raise ConfigError(f"decoder.precomputed ({config.precomputed}) needs decoder.init, the pretrained decoder "
+                              "whose VAE made the stored latents: without it this stage trains a VAE first "
+                              f"(decoder.vae_steps={config.vae_steps}), whose latents no store holds yet")
+        from emu.train.vae_step import train_vae
+
+        # A decoder from scratch: its VAE first (LDM §3.1), then frozen for the UNet (emu.model.vae).
+        vae = train_vae(config, decoder, data, out / "vae", rank, world)
+    elif not config.init:
+        log.warning("decoder: no decoder.init and decoder.vae_steps=0: the UNet trains on the latents of a random, "
+                    "untrained VAE, which decodes every latent to noise")
     engine = engine_mod.Engine(decoder, [{"name": "unet", "lr": config.lr, "params": list(decoder.unet.parameters())}],
                                config.runtime, config.optimizer, lambda s: multiplier(s, config.steps, config.schedule))
     precomputed = None
@@ -348,5 +364,5 @@ def train_decoder(config: DecoderTrainConfig, architecture: DecoderConfig, data:
         decoder.load_state_dict(state)
         decoder.save_pretrained(export)
     engine_mod.barrier()
-    return _finish("decoder", out, export, summary, rank)
+    return _finish("decoder", out, export, summary, rank, {"vae": vae} if vae else None)
 

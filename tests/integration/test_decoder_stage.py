@@ -281,3 +281,44 @@ def test_two_ranks_with_uneven_batches_train_under_zero2(world, tmp_path):
         pytest.fail("the two ranks did not finish in 240 s:\n" + proc.communicate()[0][-3000:])
     assert proc.returncode == 0, output[-3000:]
     assert len(losses(out)) == 3 and (out / "decoder" / "unet").is_dir()
+
+
+# ---- a decoder from scratch: its VAE first ----------------------------------------------------
+
+def _vae_l1(decoder: VisualDecoder, pixels: torch.Tensor) -> float:
+    with torch.no_grad():
+        latents = decoder.vae.encode(pixels).latent_dist.mode()
+        return float((decoder.vae.decode(latents).sample - pixels).abs().mean())
+
+
+def test_a_decoder_from_scratch_trains_its_vae_first_then_freezes_it(world, tmp_path):
+    """No decoder.init: the stage trains the VAE (out/vae/, its own metrics and checkpoints), sets
+    the latent scaling factor from it, and trains the UNet on its frozen latents; the export holds
+    that VAE. A second call resumes both phases from their final checkpoints and trains nothing."""
+    from emu.precompute.encoder import center_crop, unit_range
+    from emu.train.decoder_step import target
+
+    config = decoder_config(world, "init=", "steps=2", "vae_steps=12", "vae_lr=2e-3")
+    torch.manual_seed(0)
+    random_vae = VisualDecoder.from_config(world.architecture)
+    result = train_decoder(config, world.architecture, world.data, tmp_path / "out")
+
+    vae_curve = losses(tmp_path / "out" / "vae", "reconstruction")
+    assert len(vae_curve) == 12 and vae_curve[-1] < 0.7 * vae_curve[0], vae_curve
+    exported = VisualDecoder.from_pretrained(tmp_path / "out" / "decoder")
+    factor = result.summary["vae"]["scaling_factor"]
+    assert exported.vae.config.scaling_factor == pytest.approx(factor) == pytest.approx(exported.config.vae_scaling_factor)
+    assert factor != pytest.approx(world.architecture.vae_scaling_factor)
+    samples = [s for _, s in zip(range(8), iter_samples(world.data[0]))]
+    pixels = unit_range([center_crop(target(s)[2], config.output_size)[0] for s in samples])
+    assert _vae_l1(exported, pixels) < 0.7 * _vae_l1(random_vae, pixels)
+
+    again = train_decoder(config, world.architecture, world.data, tmp_path / "out")
+    assert again.summary["vae"]["resumed_from"] == 12 and again.summary["resumed_from"] == 2
+    assert again.summary["vae"]["scaling_factor"] == pytest.approx(factor)
+
+
+def test_precomputed_latents_need_the_pretrained_decoder_that_made_them(world, store):
+    with pytest.raises(ConfigError, match="decoder.precomputed .* needs decoder.init"):
+        train_decoder(decoder_config(world, "init=", "augment=false", f"precomputed={store}"), world.architecture,
+                      world.data, world.root / "never")

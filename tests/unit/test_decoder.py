@@ -309,3 +309,24 @@ def test_from_pretrained_refuses_missing_or_incomplete_folders(decoder, tmp_path
     (folder / "decoder_config.json").write_text(json.dumps({**data, "widht": 3}))
     with pytest.raises(ConfigError, match="widht"):
         VisualDecoder.from_pretrained(folder)
+
+
+def test_v_prediction_trains_on_the_velocity():
+    """prediction_type v_prediction: the target is diffusers' velocity of the same noise."""
+    config = DecoderConfig(prediction_type="v_prediction")
+    torch.manual_seed(0)
+    decoder = VisualDecoder.from_config(config)
+    latents = torch.randn(2, config.latent_channels, config.sample_size, config.sample_size)
+    condition = torch.randn(2, 3, config.visual_dim)
+    ids = [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    loss = decoder.training_loss(latents, condition, ids, generator=torch.Generator().manual_seed(1)).loss
+    g = torch.Generator().manual_seed(1)  # redraw what training_loss drew, in its order
+    noise = torch.randn(latents.shape, generator=g) + 0.1 * torch.randn((2, config.latent_channels, 1, 1), generator=g)
+    t = torch.randint(0, config.num_train_timesteps, (2,), generator=g)
+    dropped = torch.rand((2,), generator=g) < 0.1
+    cond = torch.where(dropped[:, None, None], torch.zeros_like(condition), condition)
+    pred = decoder.unet(decoder.noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond,
+                        added_cond_kwargs=decoder.added_conditions(cond, decoder._time_ids(ids, 2, latents.device))).sample
+    velocity = decoder.noise_scheduler.get_velocity(latents, noise, t)
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, velocity), atol=1e-6)
+    assert not torch.allclose(loss, torch.nn.functional.mse_loss(pred, noise), atol=1e-3)

@@ -112,3 +112,16 @@ def test_scale_must_be_finite_and_positive(scale):
     """NaN passed `scale <= 0` and crashed generation with a traceback (round(nan))."""
     with pytest.raises(ConfigError, match="synth.scale"):
         SynthConfig(scale=scale)
+
+
+def test_evaluation_scenes_are_never_training_scenes():
+    """Scenes split by world.held_out: eval draws only held-out scenes, every training draw
+    (scenes, edits, video frames) avoids them, so no evaluation picture is trained on."""
+    rng = random.Random(0)
+    evals = [world.sample_scene(rng, split="eval") for _ in range(200)]
+    trains = [world.sample_scene(rng) for _ in range(2000)]
+    assert all(world.held_out(s) for s in evals) and not any(world.held_out(s) for s in trains)
+    assert not {s.shapes for s in evals} & {s.shapes for s in trains}
+    assert {len(s.shapes) for s in evals} == {1, 2, 3}
+    assert not any(world.held_out(world.edit(s, rng)[1]) for s in trains[:300])
+    assert not any(world.held_out(f) for _ in range(100) for f in world.motion(rng, 64, 8)[0])

@@ -2,7 +2,9 @@
 JSON Lines, VQAv2 and COCO captions, each in the exact layout of docs/formats.md.
 
 Every record draws from its own stream `sample_rng(config, <stream>, index)`. VQAv2 and COCO are
-evaluation sets: their scenes come from streams no training source uses ("eval-..."). JSON is
+evaluation sets: their scenes come from streams no training source uses ("eval-...") and from the
+held-out share of scenes that no training source draws (world.held_out), so no evaluation picture
+appears in training. JSON is
 written in a fixed key order (the public files' order), so one config gives byte-identical files.
 Each writer returns the number of records it wrote (documents, conversations, lines, questions,
 caption images): what an import of its folder should yield as samples.
@@ -153,7 +155,7 @@ def write_text(out: Path, config: SynthConfig) -> int:
 
 def write_vqav2(out: Path, config: SynthConfig) -> int:
     """The evaluation split (val2014), from scenes no training source uses."""
-    return _write_vqav2(out, config, EVAL_SPLIT, "eval-vqav2", config.count("vqa_images"), VQA_IMAGE_IDS)
+    return _write_vqav2(out, config, EVAL_SPLIT, "eval-vqav2", config.count("vqa_images"), VQA_IMAGE_IDS, "eval")
 
 
 def write_vqav2_train(out: Path, config: SynthConfig) -> int:
@@ -163,7 +165,8 @@ def write_vqav2_train(out: Path, config: SynthConfig) -> int:
                         VQA_TRAIN_IMAGE_IDS)
 
 
-def _write_vqav2(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int) -> int:
+def _write_vqav2(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int,
+                 scenes: str = "train") -> int:
     """The VQAv2 questions and annotations files of one subtype and `{split}/COCO_{split}_{id:012d}.jpg`.
 
     Up to four questions per image (world.questions), question_id = image_id * 1000 + k as in
@@ -175,7 +178,7 @@ def _write_vqav2(out: Path, config: SynthConfig, split: str, stream: str, count:
     for i in range(count):
         rng = sample_rng(config, stream, i)
         image_id = id_base + i
-        scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes)
+        scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes, split=scenes)
         (images_dir / _coco_file_name(image_id, split)).write_bytes(world.encode(world.render(scene), "jpg"))
         for k, question in enumerate(world.questions(scene, rng)):
             question_id = image_id * 1000 + k
@@ -209,7 +212,7 @@ def _vqa_annotation(question: world.Question, answers: list[str], rng: random.Ra
 
 def write_coco(out: Path, config: SynthConfig) -> int:
     """The evaluation split (val2014), from scenes no training source uses."""
-    return _write_coco(out, config, EVAL_SPLIT, "eval-coco", config.count("caption_images"), COCO_IMAGE_IDS)
+    return _write_coco(out, config, EVAL_SPLIT, "eval-coco", config.count("caption_images"), COCO_IMAGE_IDS, "eval")
 
 
 def write_coco_train(out: Path, config: SynthConfig) -> int:
@@ -218,7 +221,8 @@ def write_coco_train(out: Path, config: SynthConfig) -> int:
                        COCO_TRAIN_IMAGE_IDS)
 
 
-def _write_coco(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int) -> int:
+def _write_coco(out: Path, config: SynthConfig, split: str, stream: str, count: int, id_base: int,
+                scenes: str = "train") -> int:
     """`annotations/captions_{split}.json` and `{split}/COCO_{split}_{id:012d}.jpg`.
 
     captions_per_image captions per image: the exact caption, then paraphrases of it. Caption ids
@@ -230,7 +234,7 @@ def _write_coco(out: Path, config: SynthConfig, split: str, stream: str, count: 
     for i in range(count):
         rng = sample_rng(config, stream, i)
         image_id = id_base + i
-        scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes)
+        scene = world.sample_scene(rng, config.image_size, max_shapes=config.max_shapes, split=scenes)
         file_name = _coco_file_name(image_id, split)
         (images_dir / file_name).write_bytes(world.encode(world.render(scene), "jpg"))
         images.append({"license": 1, "file_name": file_name,

@@ -11,9 +11,11 @@ one world, and no I/O happens (the writers live in emu.data.synth.web_writers an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from PIL import Image, ImageDraw
 
@@ -68,11 +70,31 @@ class Scene:
         return (x0 / self.size, y0 / self.size, x1 / self.size, y1 / self.size)
 
 
-def sample_scene(rng: random.Random, size: int = 64, min_shapes: int = 1, max_shapes: int = 3) -> Scene:
-    n = rng.randint(min_shapes, max_shapes)
-    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n)
-    shapes = tuple(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), r, c) for r, c in sorted(cells))
-    return Scene(shapes=shapes, size=size)
+#: Share of all scenes (per mille) reserved for the evaluation sets. The world has few scenes with
+#: one shape (3 kinds x 6 colours x 9 cells = 162), so independent draws put the same picture in
+#: training and evaluation (a third of the VQA images at the tiny scale did): training scenes are
+#: drawn outside this share, evaluation scenes inside it, so no evaluation picture is ever trained on.
+HELD_OUT_PER_MILLE = 100
+
+
+def held_out(scene: Scene) -> bool:
+    """Whether `scene` belongs to the evaluation share: a stable hash of its shapes (not of the
+    image size), the same in every process and Python version."""
+    key = "|".join(f"{s.kind}:{s.color}:{s.row}:{s.col}" for s in sorted(scene.shapes, key=lambda s: (s.row, s.col)))
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < HELD_OUT_PER_MILLE
+
+
+def sample_scene(rng: random.Random, size: int = 64, min_shapes: int = 1, max_shapes: int = 3,
+                 split: Literal["train", "eval"] = "train") -> Scene:
+    """A random scene of `split`: redrawn until it lies outside (train) or inside (eval) the
+    held-out share."""
+    while True:
+        n = rng.randint(min_shapes, max_shapes)
+        cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n)
+        shapes = tuple(Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), r, c) for r, c in sorted(cells))
+        scene = Scene(shapes=shapes, size=size)
+        if held_out(scene) == (split == "eval"):
+            return scene
 
 
 def render(scene: Scene) -> Image.Image:
@@ -185,7 +207,15 @@ def chat_turns(scene: Scene, rng: random.Random, max_turns: int = 3) -> list[tup
 
 
 def edit(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
-    """An instruction and the scene it produces: recolour, move, remove or add a shape."""
+    """An instruction and the scene it produces: recolour, move, remove or add a shape; the
+    result, a training picture, is never a held-out scene (redrawn until it is not)."""
+    while True:
+        text, edited = _edit(scene, rng)
+        if not held_out(edited):
+            return text, edited
+
+
+def _edit(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
     shapes = list(scene.shapes)
     free = [(r, c) for r in range(GRID) for c in range(GRID) if not any(s.row == r and s.col == c for s in shapes)]
     ops = ["recolor", "move"] + (["remove"] if len(shapes) > 1 else []) + (["add"] if free else [])
@@ -214,7 +244,15 @@ def edit(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
 
 
 def motion(rng: random.Random, size: int, frames: int) -> tuple[list[Scene], str, list[str]]:
-    """A single shape gliding across the canvas: per-frame scenes, a caption, per-frame subtitles."""
+    """A single shape gliding across the canvas: per-frame scenes, a caption, per-frame subtitles.
+    Videos are training data: redrawn until no frame is a held-out scene."""
+    while True:
+        scenes, text, subtitles = _motion(rng, size, frames)
+        if not any(held_out(s) for s in scenes):
+            return scenes, text, subtitles
+
+
+def _motion(rng: random.Random, size: int, frames: int) -> tuple[list[Scene], str, list[str]]:
     shape = Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randrange(GRID), 0)
     direction = rng.choice(("right", "left", "down", "up"))
     scenes, subtitles = [], []
