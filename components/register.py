@@ -6,8 +6,8 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(model: Input[Model], model_md5: str, decoder: Input[Model], decoder_md5: str,
-             evaluation: Input[Metrics], code_version: str) -> str:
+             evaluation: Input[Metrics], code_version: str, production: str) -> str:
     """Promote the evaluated model (and its decoder) to production in the registry."""
     from emu.pipeline.tasks import register_task
 
-    return register_task(model_md5=model_md5, decoder_md5=decoder_md5, evaluation=evaluation)
+    return register_task(model_md5=model_md5, decoder_md5=decoder_md5, evaluation=evaluation, production=production)

@@ -4,8 +4,11 @@
                                                  └─► decoder ────────────┴─► evaluate ─► register (gate passed)
 
 Parameters: `preset` (configs/<name>.yaml), `source` (shard datasets to train on: a folder, an
-s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5`, the
-`code_version`, and one resolved config per stage (JSON; empty = the preset's section). Each task
+s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5`, each
+stage's code version (`<stage>_code_version`: emu.pipeline.code_version, so a change re-runs only
+the stages whose code it touches), the registry's production model at submission (`production`:
+evaluate's gate and register compare with it, so a promotion in between is never answered from a
+stale cache), and one resolved config per stage (JSON; empty = the preset's section). Each task
 gets only its own stage's config and the md5 of its inputs, so changing a stage-2 setting re-runs
 stage 2 and what depends on it, and nothing upstream.
 
@@ -43,36 +46,47 @@ def build_pipeline(config: PipelineConfig):
 
     @dsl.pipeline(name=NAME, description="Emu2-style training: validate, pretrain (2 stages), precompute, "
                                          "decoder, instruction tuning, evaluation, registration.")
-    def emu(preset: str = "tiny", source: str = "", source_md5: str = "", code_version: str = "",
+    def emu(preset: str = "tiny", source: str = "", source_md5: str = "", production: str = "",
+            prepare_code_version: str = "", validate_code_version: str = "", stage1_code_version: str = "",
+            precompute_code_version: str = "", stage2_code_version: str = "", decoder_code_version: str = "",
+            instruct_code_version: str = "", evaluate_code_version: str = "", register_code_version: str = "",
             synth_config: str = "", import_config: str = "", validate_config: str = "", stage1_config: str = "",
             model_config: str = "", precompute_config: str = "", stage2_config: str = "", decoder_config: str = "",
             visual_decoder_config: str = "", instruct_config: str = "", evaluate_config: str = ""):
-        common = {"preset": preset, "code_version": code_version}
+        common = {"preset": preset}
         prepare = _configure(prepare_component(source=source, source_md5=source_md5, synth_config=synth_config,
-                                               import_config=import_config, **common), "prepare", config)
+                                               import_config=import_config, code_version=prepare_code_version,
+                                               **common), "prepare", config)
         data = {"dataset": prepare.outputs["dataset"], "dataset_md5": prepare.outputs["Output"]}
-        validate = _configure(validate_component(config=validate_config, **data, **common), "validate", config)
-        stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config, **data, **common),
+        validate = _configure(validate_component(config=validate_config, code_version=validate_code_version,
+                                                 **data, **common), "validate", config)
+        stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config,
+                                             code_version=stage1_code_version, **data, **common),
                             "stage1", config).after(validate)
         precompute = _configure(precompute_component(model=stage1.outputs["model"], model_md5=stage1.outputs["Output"],
-                                                     config=precompute_config, **data, **common), "precompute", config)
+                                                     config=precompute_config, code_version=precompute_code_version,
+                                                     **data, **common), "precompute", config)
         embeddings = {"embeddings": precompute.outputs["embeddings"], "embeddings_md5": precompute.outputs["Output"]}
         stage2 = _configure(stage2_component(init=stage1.outputs["model"], init_md5=stage1.outputs["Output"],
-                                             config=stage2_config, **embeddings, **data, **common), "stage2", config)
+                                             config=stage2_config, code_version=stage2_code_version, **embeddings,
+                                             **data, **common), "stage2", config)
         decoder = _configure(decoder_component(encoder=stage1.outputs["model"], encoder_md5=stage1.outputs["Output"],
                                                config=decoder_config, decoder_config=visual_decoder_config,
-                                               **data, **common), "decoder", config)
+                                               code_version=decoder_code_version, **data, **common), "decoder", config)
         instruct = _configure(instruct_component(init=stage2.outputs["model"], init_md5=stage2.outputs["Output"],
-                                                 config=instruct_config, **embeddings, **data, **common),
+                                                 config=instruct_config, code_version=instruct_code_version,
+                                                 **embeddings, **data, **common),
                               "instruct", config)
         evaluate = _configure(evaluate_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
                                                  decoder=decoder.outputs["decoder"],
                                                  decoder_md5=decoder.outputs["Output"], config=evaluate_config,
-                                                 **data, **common), "evaluate", config)
+                                                 code_version=evaluate_code_version, production=production, **data,
+                                                 **common), "evaluate", config)
         with dsl.If(evaluate.outputs["Output"] == "true", name="gate-passed"):
             _configure(register_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
                                           decoder=decoder.outputs["decoder"], decoder_md5=decoder.outputs["Output"],
-                                          evaluation=evaluate.outputs["metrics"], code_version=code_version),
+                                          evaluation=evaluate.outputs["metrics"],
+                                          code_version=register_code_version, production=production),
                        "register", config)
 
     return emu

@@ -15,7 +15,6 @@ stage 1 -> stage 2 (online encoding) -> instruct (chat), and stage 1's encoder -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -98,15 +97,12 @@ def run_curves(world: Path, work: Path, steps: int = STEPS) -> dict[str, dict[st
     s1 = run("stage1", stage1, Stage1Config, "stage1", PAIRS, [], resolve(EmuConfig, "model", "tiny"))
     s2 = run("stage2", stage2, Stage2Config, "stage2", MIXTURE, [f"init={s1 / 'model'}"])
     run("instruct", instruct, InstructConfig, "instruct", CHAT, [f"init={s2 / 'model'}"])
-    # From scratch, as the tiny pipeline trains it; a VAE phase (decoder.vae_steps), where the
-    # stage has one, runs first for as many steps and writes its own curve to out/vae/.
-    has_vae = "vae_steps" in {f.name for f in dataclasses.fields(DecoderTrainConfig)}
-    extra = [f"encoder={s1 / 'model'}", *([f"vae_steps={steps}"] if has_vae else [])]
-    decoder = run("decoder", train_decoder, DecoderTrainConfig, "decoder", DECODER, extra,
-                  resolve(DecoderConfig, "visual_decoder", "tiny"))
-    if (decoder / "vae" / "metrics.jsonl").is_file():
-        curves["decoder-vae"] = {**curves["decoder"], "phase_of": "decoder",
-                                 "curve": read_curve(decoder / "vae" / "metrics.jsonl")}
+    # From scratch, as the tiny pipeline trains it: its VAE phase (decoder.vae_steps) runs first,
+    # for as many steps, and writes its own curve to out/vae/.
+    decoder = run("decoder", train_decoder, DecoderTrainConfig, "decoder", DECODER,
+                  [f"encoder={s1 / 'model'}", f"vae_steps={steps}"], resolve(DecoderConfig, "visual_decoder", "tiny"))
+    curves["decoder-vae"] = {**curves["decoder"], "phase_of": "decoder",
+                             "curve": read_curve(decoder / "vae" / "metrics.jsonl")}
     return curves
 
 

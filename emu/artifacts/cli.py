@@ -5,6 +5,7 @@
     emu artifacts push PATH                 content-address a file or folder; prints md5, size, uri
     emu artifacts md5 PATH                  DVC's md5 of a file or folder (what `dvc add` records)
     emu artifacts exists MD5                exit 0 when the remote holds it, 1 when not
+    emu artifacts keep [RUN_ID...] --out DIR   .dvc records of runs' outputs, so `dvc gc` keeps them
 
 The remote is `--remote`, else $EMU_DVC_REMOTE, else `$EMU_HOME/dvc-remote`; S3 remotes
 take their endpoint and credentials from the AWS_* variables. Registered in emu/cli.py.
@@ -119,3 +120,34 @@ def exists(md5: Annotated[str, typer.Argument(help="DVC md5.")], remote: RemoteO
     found = _store(remote).exists(md5)
     typer.echo("present" if found else "absent")
     raise typer.Exit(0 if found else 1)
+
+
+@artifacts_app.command("keep")
+def keep(
+    run_ids: Annotated[Optional[list[str]], typer.Argument(
+        help="Runs to keep (default: every run in the lineage store).")] = None,
+    out: Annotated[Path, typer.Option(
+        help="Folder inside the DVC project (commit it): OUT/<run_id>/<stage>-<role>.dvc.")] = Path("artifacts"),
+    lineage: Annotated[Optional[str], typer.Option(
+        help="Lineage database URL (default: $EMU_LINEAGE_URL, else $EMU_HOME/lineage.db).")] = None,
+) -> None:
+    """Write a .dvc record for every output of the runs, so that `dvc gc -w -c` on the shared
+    remote keeps them (pipeline outputs are known to the lineage store, not to DVC): run it in the
+    DVC project before each gc, or commit OUT (emu.artifacts.records)."""
+    from emu.artifacts.records import write_records
+    from emu.lineage.store import LineageStore
+
+    if not run_ids:
+        store = LineageStore(lineage)
+        try:
+            run_ids = [run.id for run in store.list_runs(limit=None)]
+        finally:
+            store.close()
+    total, runs = 0, 0
+    for run_id in run_ids:
+        artifacts = [a for a in run_artifacts(run_id, lineage) if a.get("md5")]
+        if not artifacts:
+            continue  # a run that failed before writing anything
+        total += len(write_records(run_id, artifacts, out))
+        runs += 1
+    typer.echo(f"kept {total} artifacts of {runs} runs: .dvc records in {out}")

@@ -5,7 +5,7 @@ inputs finds and resumes from, instead of training again from step 0.
 
 The key is a hash of what KFP's cache keys the task on, in content terms: the stage, its
 resolved config (before the run-specific input paths are filled in), the DVC md5 of every
-input, and the code version. Same key, same training: resuming is exact (the trainer restores
+input, and the stage's code version (emu.pipeline.code_version). Same key, same training: resuming is exact (the trainer restores
 model, optimizer, schedule, data position and RNG; emu.train.trainer).
 
 `checkpoint_location` is the one place that says where the folder lives on this machine
@@ -34,9 +34,10 @@ def checkpoint_location(stage: str, key: str) -> Path:
 def resume_key(stage: str, **parts: Any) -> str:
     """The task's cache key in content terms (module docstring): `parts` are its config dicts and
     input md5s."""
-    from emu.pipeline.runner import code_version
+    from emu.pipeline.code_version import stage_code_version
 
-    canonical = json.dumps({"stage": stage, "code_version": code_version(), **parts}, sort_keys=True, default=str)
+    canonical = json.dumps({"stage": stage, "code_version": stage_code_version(stage), **parts}, sort_keys=True,
+                           default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 

@@ -2,10 +2,11 @@
 
 A run is one call of the pipeline with: the preset, every stage's resolved config (preset
 section + `section.key=value` overrides), the training data (a shard folder, s3:// URI or DVC
-md5; none = the synthetic shapes world) with its DVC md5, and the code version (a hash of the
-platform's sources and presets). Those values, and the md5 each task passes to the next, are
-what KFP's cache keys on: an unchanged re-run is served from the cache in seconds; a changed
-stage-2 setting re-runs stage 2 and what depends on it; new data or new code re-runs everything.
+md5; none = the synthetic shapes world) with its DVC md5, and each stage's code version (a hash
+of the code that stage runs and the locked dependencies: emu.pipeline.code_version). Those values,
+and the md5 each task passes to the next, are what KFP's cache keys on: an unchanged re-run is
+served from the cache in seconds; a changed stage-2 setting re-runs stage 2 and what depends on it;
+new data re-runs everything; new code re-runs the stages that run it (a dashboard edit: none).
 
 Locally, each task runs as a subprocess of this environment (kfp.local.SubprocessRunner), under
 $EMU_HOME (emu.home: the checkout's outputs/emu-home, else ~/.emu): kfp/ (artifacts, one folder
@@ -52,8 +53,6 @@ TASK_EDGES = (("prepare", "validate"), ("validate", "stage1"), ("stage1", "preco
               ("decoder", "evaluate"), ("evaluate", "register"))
 #: Variables of a torch.distributed process group (set by launchers and emu.train.engine).
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-#: Where the code lives whose change must invalidate the cache.
-CODE_PATHS = ("emu", "components", "pipelines", "configs")
 
 
 def emu_home() -> Path:
@@ -103,8 +102,14 @@ def parameters(request: RunRequest) -> dict[str, str]:
     unused = set(by_section) - set(CONFIG_PARAMETERS.values()) - {"pipeline"}
     if unused:
         raise ConfigError(f"`emu run` overrides for {sorted(unused)}: the pipeline does not run those sections")
+    from emu.pipeline.code_version import stage_code_versions
+
+    from emu.lineage.store import LineageStore
+    from emu.pipeline.tasks import production_reference
+
     values = {"preset": request.preset, "source": request.source, "source_md5": source_md5(request.source),
-              "code_version": code_version()}
+              "production": production_reference(LineageStore(os.environ.get("EMU_LINEAGE_URL") or None)),
+              **{f"{stage}_code_version": version for stage, version in stage_code_versions().items()}}
     for name, section in CONFIG_PARAMETERS.items():
         config = resolve(SECTIONS[section](), section, request.preset, by_section.get(section, []))
         values[name] = json.dumps(to_dict(config), sort_keys=True)
@@ -114,8 +119,8 @@ def parameters(request: RunRequest) -> dict[str, str]:
 def run_parameters(request: RunRequest, args: dict[str, str]) -> dict[str, Any]:
     """What the lineage store keeps of a run's arguments: the resolved config of every stage
     (for audits and config diffs), the data and its md5, the code version, the overrides."""
-    return {"source": request.source, "source_md5": args["source_md5"], "code_version": args["code_version"],
-            "overrides": list(request.overrides),
+    return {"source": request.source, "source_md5": args["source_md5"], "code_version": run_code_version(args),
+            "code_versions": stage_versions(args), "overrides": list(request.overrides),
             "configs": {CONFIG_PARAMETERS[k]: json.loads(v) for k, v in args.items() if k in CONFIG_PARAMETERS}}
 
 
@@ -126,15 +131,16 @@ def pipeline_config(request: RunRequest):
     return resolve(PipelineConfig, "pipeline", request.preset, extra)
 
 
-def code_version() -> str:
-    """A hash of the platform's source files and presets: new code, new cache keys."""
-    digest = hashlib.sha256()
-    for top in CODE_PATHS:
-        for path in sorted((ROOT / top).rglob("*")):
-            if path.is_file() and path.suffix in (".py", ".yaml", ".yml") and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(ROOT)).encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def stage_versions(args: dict[str, str]) -> dict[str, str]:
+    """{stage: code version} of a run's pipeline arguments."""
+    return {k.removesuffix("_code_version"): v for k, v in args.items() if k.endswith("_code_version")}
+
+
+def run_code_version(args: dict[str, str]) -> str:
+    """The run's one code version (what the console, lineage and dashboard show), from its stages'."""
+    from emu.pipeline.code_version import combined
+
+    return combined(stage_versions(args))
 
 
 def source_md5(source: str) -> str:
@@ -246,7 +252,7 @@ def run_local(request: RunRequest, *, verbose: bool = False, terminal=None) -> R
                 as heartbeat, RunConsole(log_path, verbose=verbose, on_cache_hit=cached, terminal=terminal) as console:
             try:
                 console.echo(f"run {run.id}: preset {request.preset}, data {request.source or 'synthetic shapes world'}, "
-                             f"code {args['code_version']}")
+                             f"code {run_code_version(args)}")
                 console.echo(f"log: {log_path}" + ("" if verbose else " (every line of every stage; -v prints them here)"))
                 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(home / "kfp"),
                            raise_on_error=False, enable_caching=True, cache_root=str(home / "kfp-cache"))

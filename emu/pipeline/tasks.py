@@ -322,11 +322,12 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
 
 
 def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, decoder: str, decoder_md5: str,
-                  preset: str, config: str, metrics, report, summary) -> str:
-    """Benchmarks, then the promotion gate: against the configured baseline file, else the current
-    production model (no regression beyond the tolerance), else, with no production model yet,
-    each headline score must beat its chance level. The verdict per metric goes to gate.json in
-    the evaluation folder and into the reports. Returns "true" when the gate passes."""
+                  preset: str, config: str, metrics, report, summary, production: str = "") -> str:
+    """Benchmarks, then the promotion gate: against the configured baseline file, else the
+    production model named by `production` (the registry's at submission, a cache-key input:
+    `production_reference`; no regression beyond the tolerance), else, with no production model
+    yet, each headline score must beat its chance level. The verdict per metric goes to gate.json
+    in the evaluation folder and into the reports. Returns "true" when the gate passes."""
     import dataclasses
 
     from emu.evaluate.gate import gate_table
@@ -340,8 +341,8 @@ def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str,
         result = evaluate(cfg, str(Path(model) / "model"), out, decoder=str(Path(decoder) / "decoder"))
         flat = json.loads((out / "kfp_metrics.json").read_text(encoding="utf-8"))
         pipeline = stage_config("pipeline", preset, "")
-        gate = result.gate if result.gate is not None else promotion_gate(flat, pipeline.gate_metrics,
-                                                                          pipeline.gate_tolerance)
+        gate = result.gate if result.gate is not None else promotion_gate(
+            flat, pipeline.gate_metrics, pipeline.gate_tolerance, production_named(production))
         (out / GATE_FILE).write_text(json.dumps(gate, indent=1), encoding="utf-8")
         if result.gate is None:  # a baseline gate is in the harness's reports already
             write_reports(out, [*result.sections[:1], Section("Promotion gate", tables=[gate_table(gate)]),
@@ -360,13 +361,33 @@ def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str,
 GATE_FILE = "gate.json"
 
 
-def promotion_gate(flat: dict[str, float], names: list[str], tolerance: float) -> dict[str, Any]:
+def production_reference(store) -> str:
+    """The registry's production model as a pipeline parameter ("" before the first promotion):
+    evaluate and register take it as an input, so KFP's cache keys on it and a run after a new
+    promotion evaluates again instead of replaying a verdict against the previous model."""
+    current = store.production()
+    return f"{current.version}:{current.model_md5}" if current is not None else ""
+
+
+def production_named(reference: str):
+    """The registration `reference` (production_reference) names, or None for ""; refused when the
+    registry no longer holds it as recorded."""
+    if not reference:
+        return None
+    version, _, model_md5 = reference.partition(":")
+    found = next((r for r in lineage().registrations() if r.version == version), None)
+    if found is None or found.model_md5 != model_md5:
+        raise RuntimeError(f"production model {reference} was named at submission but the registry "
+                           f"{'holds ' + found.version + ':' + found.model_md5 if found else 'has no ' + version}")
+    return found
+
+
+def promotion_gate(flat: dict[str, float], names: list[str], tolerance: float, production=None) -> dict[str, Any]:
     """The verdict (emu.evaluate.gate.GateResult.to_dict) on the `names` metrics: none may be
     worse than the production model's by more than `tolerance` (in the direction each metric
     improves), or, before the first promotion, each must beat its chance level."""
     from emu.evaluate.gate import GateResult
 
-    production = lineage().production()
     checks = []
     if production is not None:
         against = f"production {production.version} (run {production.run_id})"
@@ -409,10 +430,15 @@ def _chance_of(metric: str) -> str:
     return metric + "_chance"
 
 
-def register_task(*, model_md5: str, decoder_md5: str, evaluation) -> str:
-    """Promote the model and decoder that passed the gate: the registry's production pointer."""
+def register_task(*, model_md5: str, decoder_md5: str, evaluation, production: str = "") -> str:
+    """Promote the model and decoder that passed the gate: the registry's production pointer.
+    Refused when the registry's production model is no longer the one the gate compared with
+    (`production`: another run promoted one since): that verdict says nothing about the new one."""
     store = lineage()
     with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")}) as run:
+        if production_reference(store) != production:
+            raise RuntimeError(f"the gate compared with production {production or '(none)'}, but the registry's "
+                               f"is now {production_reference(store) or '(none)'}: run the pipeline again")
         values = {k: v for k, v in (evaluation.metadata or {}).items() if isinstance(v, (int, float))
                   and not isinstance(v, bool) and k != "gate_passed"}
         production = store.production()

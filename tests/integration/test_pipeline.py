@@ -6,6 +6,7 @@ from the final model back to the data shards, a failing stage, and a schedule th
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from emu.lineage.store import LineageStore
+from emu.pipeline import code_version
 from emu.pipeline.runner import RunRequest, compile_pipeline, outcome_of, run_local
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +55,7 @@ def fast_preset(folder: Path) -> Path:
     for stage in ("stage1", "stage2", "decoder", "instruct", "instruct_gen"):
         preset[stage]["steps"] = 3
         preset[stage]["runtime"]["progress"] = False
+    preset["decoder"]["vae_steps"] = 3
     preset["evaluate"] = {"benches": ["vqav2", "coco-captions", "autoencode"], "max_new_tokens": 3,
                           "caption_tokens": 8, "inference_steps": 2}
     path = folder / "fast.yaml"
@@ -178,7 +181,13 @@ def test_lineage_of_the_final_model_reaches_the_data_shards(first, home):
 
 
 def test_unchanged_rerun_is_served_from_cache(first):
+    """Except the gate's tasks once the first run promoted its model: evaluate and register take
+    the production model as an input, so they run again against it, and then are cached too."""
     preset, _ = first
+    promoted = LineageStore().production() is not None
+    after_promotion = run_local(RunRequest(preset=str(preset)))
+    assert after_promotion.status == "succeeded"
+    assert stages(after_promotion, cached=False) == (["evaluate", "register"] if promoted else [])
     again = run_local(RunRequest(preset=str(preset)))
     assert again.status == "succeeded"
     assert stages(again, cached=False) == [], "every stage reused"
@@ -193,6 +202,34 @@ def test_changed_stage2_setting_reruns_stage2_onward_only(first):
     assert changed.status == "succeeded"
     assert set(stages(changed, cached=False)) == {"stage2", "instruct", "evaluate"}
     assert set(stages(changed, cached=True)) >= {"prepare", "validate", "stage1", "precompute", "decoder"}
+
+
+def code_copy(folder: Path, edited: str) -> Path:
+    """A copy of the sources a code version reads, with `edited` (a path under it) changed."""
+    for top in ("emu", "components", "configs"):
+        shutil.copytree(ROOT / top, folder / top, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    path = folder / edited
+    path.write_text(path.read_text(encoding="utf-8") + "\n# an edit\n", encoding="utf-8")
+    return folder
+
+
+def test_a_dashboard_only_code_change_reruns_no_stage(first, tmp_path, monkeypatch):
+    """Each task's cache key holds its own stage's code version (emu.pipeline.code_version)."""
+    preset, _ = first
+    monkeypatch.setattr(code_version, "ROOT", code_copy(tmp_path, "emu/dashboard/views.py"))
+    again = run_local(RunRequest(preset=str(preset)))
+    assert again.status == "succeeded"
+    assert stages(again, cached=False) == [], "a dashboard edit re-runs nothing"
+
+
+def test_a_change_under_emu_train_reruns_the_training_stages(first, tmp_path, monkeypatch):
+    preset, _ = first
+    monkeypatch.setattr(code_version, "ROOT", code_copy(tmp_path, "emu/train/stages.py"))
+    again = run_local(RunRequest(preset=str(preset)))
+    assert again.status == "succeeded"
+    assert {"stage1", "stage2", "decoder", "instruct"} <= set(stages(again, cached=False))
+    assert {"prepare", "validate"} <= set(stages(again, cached=True)), "data stages run no training code"
 
 
 def test_a_failing_stage_stops_its_dependants_and_the_next_run_resumes(first, home):
@@ -237,6 +274,51 @@ def test_schedule_fires_and_its_run_is_recorded_with_the_schedule(first, home):
     delete = subprocess.run([str(EMU), "schedule", "delete", "every-second"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert delete.returncode == 0 and store.get_schedule("every-second") is None
+
+
+def dvc_project(folder: Path, remote: Path, env: dict[str, str]) -> Path:
+    """A DVC project (no git) whose default remote is `remote`."""
+    folder.mkdir()
+    for args in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "shared", str(remote)]):
+        done = subprocess.run([str(EMU.parent / "dvc"), *args], cwd=folder, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+    return folder
+
+
+def gc(project: Path, env: dict[str, str]) -> None:
+    done = subprocess.run([str(EMU.parent / "dvc"), "gc", "-w", "-c", "-f"], cwd=project, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dvc_gc_on_the_shared_remote_keeps_what_emu_artifacts_keep_recorded(first, home, tmp_path):
+    """Pipeline outputs are pushed to the remote, not tracked by a DVC project: `dvc gc -w -c`
+    deletes them unless `emu artifacts keep` gave them .dvc records in the project."""
+    _, outcome = first
+    env = _env(home)
+    remote = home / "dvc-remote"
+    # Without records (on a copy of the remote): gc deletes the run's artifacts.
+    copy = tmp_path / "remote-copy"
+    shutil.copytree(remote, copy)
+    gc(dvc_project(tmp_path / "bare", copy, env), env)
+    # Pulls on a fresh machine (no DVC fetch cache), from the run id and the lineage store alone.
+    fresh = {**env, "EMU_HOME": str(tmp_path / "fresh"), "EMU_LINEAGE_URL": f"sqlite:///{home / 'lineage.db'}"}
+    lost = subprocess.run([str(EMU), "artifacts", "pull", outcome.run_id, "--out", str(tmp_path / "lost"),
+                           "--remote", str(copy)], capture_output=True, text=True, env=fresh, timeout=600)
+    assert lost.returncode != 0, lost.stdout
+
+    project = dvc_project(tmp_path / "project", remote, env)
+    kept = subprocess.run([str(EMU), "artifacts", "keep", "--out", str(project / "artifacts")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert kept.returncode == 0 and "kept " in kept.stdout, kept.stdout + kept.stderr
+    record = yaml.safe_load((project / "artifacts" / outcome.run_id / "instruct-model.dvc").read_text())
+    assert record["outs"][0]["md5"].endswith(".dir") and record["outs"][0]["hash"] == "md5"
+    gc(project, env)
+    restored = subprocess.run([str(EMU), "artifacts", "pull", outcome.run_id, "--out", str(tmp_path / "restored"),
+                               "--remote", str(remote)], capture_output=True, text=True, env=fresh, timeout=600)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    manifest = json.loads((tmp_path / "restored" / "manifest.json").read_text())
+    assert {a["stage"] for a in manifest["artifacts"]} >= {"prepare", "stage1", "stage2", "decoder", "instruct"}
 
 
 def _env(home: Path) -> dict[str, str]:

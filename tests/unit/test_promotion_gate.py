@@ -9,7 +9,7 @@ import pytest
 from emu.evaluate.gate import direction_of, gate_lines, gate_table
 from emu.lineage import LineageError
 from emu.lineage.store import LineageStore
-from emu.pipeline.tasks import promotion_gate
+from emu.pipeline.tasks import production_named, production_reference, promotion_gate, register_task
 
 NAMES = ["vqav2_accuracy", "autoencode_fid"]
 
@@ -45,13 +45,16 @@ def test_against_production_no_metric_may_be_worse_beyond_the_tolerance(store):
     run = store.create_run(status="succeeded").id
     store.promote(run, model_md5="a" * 32 + ".dir", decoder_md5=None,
                   metrics={"vqav2_accuracy": 50.0, "autoencode_fid": 100.0})
-    close = promotion_gate({"vqav2_accuracy": 49.8, "autoencode_fid": 100.3}, NAMES, tolerance=0.5)
+    production = production_named(production_reference(store))
+    close = promotion_gate({"vqav2_accuracy": 49.8, "autoencode_fid": 100.3}, NAMES, tolerance=0.5,
+                           production=production)
     assert close["passed"] and close["against"] == f"production v1 (run {run})"
     worse = promotion_gate({"vqav2_accuracy": 49.0, "autoencode_fid": 101.0, "vqav2_chance": 33.3}, NAMES,
-                           tolerance=0.5)
+                           tolerance=0.5, production=production)
     assert checks(worse) == {"vqav2_accuracy": (False, 49.0, "production v1", 50.0, 0.5, 49.5),
                              "autoencode_fid": (False, 101.0, "production v1", 100.0, 0.5, 100.5)}
-    better_fid = promotion_gate({"vqav2_accuracy": 50.0, "autoencode_fid": 60.0}, NAMES, tolerance=0.0)
+    better_fid = promotion_gate({"vqav2_accuracy": 50.0, "autoencode_fid": 60.0}, NAMES, tolerance=0.0,
+                                production=production)
     assert better_fid["passed"], "a lower FID is an improvement, not a regression"
 
     lines = gate_lines(worse)
@@ -75,3 +78,31 @@ def test_the_production_model_is_not_registered_again(store):
         store.promote(run, model_md5="b" * 32, decoder_md5="c" * 32, metrics={})
     assert store.promote(run, model_md5="d" * 32, decoder_md5="c" * 32, metrics={}) == "v2"
     assert [r.version for r in store.registrations()] == ["v2", "v1"]
+
+
+def test_the_production_reference_names_the_model_the_gate_compares_with(store):
+    """Evaluate and register take the registry's production model at submission as an input (a
+    KFP cache key), so a verdict against a previous production model is never replayed."""
+    assert production_reference(store) == "" and production_named("") is None
+    run = store.create_run(status="succeeded").id
+    store.promote(run, model_md5="a" * 32, decoder_md5=None, metrics={"vqav2_accuracy": 50.0})
+    reference = production_reference(store)
+    assert reference == "v1:" + "a" * 32 and production_named(reference).version == "v1"
+    with pytest.raises(RuntimeError,
+                       match=r"production model v7:a{32} was named at submission but the registry has no v7"):
+        production_named("v7:" + "a" * 32)
+
+
+class _Evaluation:
+    metadata = {"vqav2_accuracy": 60.0}
+
+
+def test_register_refuses_when_production_changed_since_the_gate(store, monkeypatch):
+    run = store.create_run(status="running")
+    monkeypatch.setenv("EMU_RUN_ID", run.id)
+    store.promote(store.create_run(status="succeeded").id, model_md5="a" * 32, decoder_md5=None, metrics={})
+    with pytest.raises(RuntimeError,
+                       match=r"the gate compared with production \(none\), but the registry's is now v1:a{32}"):
+        register_task(model_md5="b" * 32, decoder_md5="c" * 32, evaluation=_Evaluation(), production="")
+    assert register_task(model_md5="b" * 32, decoder_md5="c" * 32, evaluation=_Evaluation(),
+                         production="v1:" + "a" * 32) == "v2"
