@@ -55,3 +55,13 @@ def test_run_with_s3_remote_restores_bit_identical(s3_server, tmp_path, monkeypa
             assert files_of(copy) == files_of(original), f"{md5} differs after the round trip"
         else:
             assert copy.read_bytes() == original.read_bytes()
+
+    # The S3 credentials reach the tasks as environment (on a cluster: from the emu-s3 Secret) and
+    # nothing writes their value down: not the run's log, the tasks' KFP files, the lineage store
+    # (runs, executions, configs, audit entries), the restore's output.
+    secret = s3_server.secret_key.encode()
+    written = [p for p in home.rglob("*") if p.is_file() and "dvc-remote" not in p.parts]
+    assert any(p.suffix == ".log" for p in written) and any(p.name == "lineage.db" for p in written)
+    leaks = [str(p) for p in written if secret in p.read_bytes()]
+    assert leaks == [], f"the S3 secret key is written in {leaks}"
+    assert secret.decode() not in pull.stdout + pull.stderr
