@@ -19,7 +19,6 @@ EMU_DVC_REMOTE point elsewhere (PostgreSQL, S3). The terminal shows a short cons
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -102,9 +101,8 @@ def parameters(request: RunRequest) -> dict[str, str]:
     unused = set(by_section) - set(CONFIG_PARAMETERS.values()) - {"pipeline"}
     if unused:
         raise ConfigError(f"`emu run` overrides for {sorted(unused)}: the pipeline does not run those sections")
-    from emu.pipeline.code_version import stage_code_versions
-
     from emu.lineage.store import LineageStore
+    from emu.pipeline.code_version import stage_code_versions
     from emu.pipeline.tasks import production_reference
 
     values = {"preset": request.preset, "source": request.source, "source_md5": source_md5(request.source),
