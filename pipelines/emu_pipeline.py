@@ -31,6 +31,7 @@ from components.stage2 import stage2 as stage2_component
 from components.validate import validate as validate_component
 from emu.cluster.image import DIGEST_ENV, digest_of, image_reference
 from emu.cluster.launch import LAUNCH_ENV, Launch
+from emu.cluster.ray_launch import RAY_CLUSTER_ENV
 from emu.pipeline.config import PipelineConfig, StageResources
 from emu.pipeline.tasks import KFP_RUN_ENV
 
@@ -95,7 +96,8 @@ def build_pipeline(config: PipelineConfig):
 def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> dsl.PipelineTask:
     """Cluster settings of one task: its image, resources, the GPU node pool, /dev/shm, retries and
     timeout, S3 and database credentials from Secrets and the platform settings as environment, and
-    for training tasks their layout (EMU_LAUNCH: processes per node, nodes, the TrainJob's image)."""
+    for training tasks their layout (EMU_LAUNCH: processes per node, nodes, the TrainJob's image),
+    for precompute the RayCluster it runs on (EMU_RAY_CLUSTER)."""
     task.set_display_name(stage)
     task.set_caching_options(enable_caching=True)
     image = image_reference(config.image)
@@ -109,6 +111,8 @@ def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> ds
         launch = Launch(nodes=resources.nodes, procs_per_node=resources.accelerators, image=image,
                         runtime=config.trainer_runtime, resources={k: v for k, v in per_node.items() if k and v})
         task.set_env_variable(LAUNCH_ENV, launch.to_env())
+    if resources.ray_cluster:
+        task.set_env_variable(RAY_CLUSTER_ENV, resources.ray_cluster)
     if resources.retries:
         task.set_retry(num_retries=resources.retries, backoff_duration="60s", backoff_factor=2.0)
     if resources.timeout_s:

@@ -6,7 +6,11 @@
     GET    /api/v1/namespaces/NS/pods?labelSelector=jobset.sigs.k8s.io/jobset-name=NAME
     GET    /api/v1/namespaces/NS/pods/POD/log?container=node&follow=true   (chunked, as the log grows)
 
-It plays the Trainer controller for a created TrainJob: on the first GET its node pods are
+`KubeRayAPI` speaks the RayJob calls the same way and plays KubeRay for real: a RayJob created on
+a RayCluster it knows has its entrypoint run here as the submitter would (a subprocess), its
+output served as the submitter pod's log while it runs, and its exit status as the RayJob's.
+
+KubeAPI plays the Trainer controller for a created TrainJob: on the first GET its node pods are
 Running and start logging `lines`; once their logs are written the job ends in `outcome`
 ("Complete" or "Failed", with `exit_code` on a failed node). The real kubernetes client talks to
 it through `client()`.
@@ -15,8 +19,10 @@ it through `client()`.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -76,13 +82,7 @@ class KubeAPI:
             def log_message(self, *args) -> None:  # quiet test output
                 pass
 
-            def _send(self, code: int, body) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            _send = _send_json
 
             def _job(self, name: str) -> dict | None:
                 return next((j for j in api.created if j["metadata"]["name"] == name), None)
@@ -141,5 +141,152 @@ class KubeAPI:
                         api._logged.add(pod)
                     return None
                 self._send(404, {"kind": "Status", "code": 404})
+
+        return Handler
+
+
+def _send_json(handler: BaseHTTPRequestHandler, code: int, body) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+class KubeRayAPI:
+    """RayJobs (ray.io/v1) on the RayClusters `clusters`; their entrypoints run with `env` in `cwd`."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, clusters: tuple[str, ...] = ("emu-ray",)) -> None:
+        self.env, self.cwd, self.clusters = env, Path(cwd), clusters
+        self.created: list[dict] = []
+        self.deleted: list[str] = []
+        self._runs: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> KubeRayAPI:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process, _ in self._runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig naming this server (what `kubernetes.config.load_kube_config` reads)."""
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "users": [{"name": "test", "user": {"token": "test"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": "emu"}}]}))
+        return path
+
+    def log_of(self, name: str) -> str:
+        return self._runs[name][1].read_text(encoding="utf-8", errors="replace")
+
+    # ---- the controller's view --------------------------------------------------------------
+    def _status(self, job: dict) -> dict:
+        name, cluster = job["metadata"]["name"], job["spec"]["clusterSelector"]["ray.io/cluster"]
+        if cluster not in self.clusters:
+            return {"jobDeploymentStatus": "Failed", "reason": "ValidationFailed",
+                    "message": f"RayCluster {cluster} not found"}
+        process, _ = self._runs[name]
+        code = process.poll()
+        if code is None:
+            return {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": cluster}
+        return ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "rayClusterName": cluster} if code == 0
+                else {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
+                      "message": f"job entrypoint exited {code}", "rayClusterName": cluster})
+
+    def _pod(self, job: dict) -> dict:
+        name = job["metadata"]["name"]
+        code = self._runs[name][0].poll() if name in self._runs else None
+        state = {"running": {}} if code is None else {"terminated": {"exitCode": code,
+                                                                     "reason": "Completed" if code == 0 else "Error"}}
+        phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
+        return {"metadata": {"name": f"{name}-submit", "namespace": job["metadata"]["namespace"],
+                             "labels": {"batch.kubernetes.io/job-name": name}},
+                "status": {"phase": phase, "containerStatuses": [
+                    {"name": "ray-job-submitter", "ready": code is None, "restartCount": 0, "image": "emu",
+                     "imageID": "", "state": state}]}}
+
+    def _start(self, job: dict) -> None:
+        name = job["metadata"]["name"]
+        log = self.cwd / f"{name}.log"
+        with open(log, "wb") as sink:
+            process = subprocess.Popen(["bash", "-c", job["spec"]["entrypoint"]], cwd=self.cwd, env=self.env,
+                                       stdout=sink, stderr=subprocess.STDOUT)
+        self._runs[name] = (process, log)
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            _send = _send_json
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _job(self, name: str) -> dict | None:
+                return next((j for j in api.created if j["metadata"]["name"] == name), None)
+
+            def do_POST(self) -> None:
+                parts = urlparse(self.path).path.strip("/").split("/")
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if parts[:3] != ["apis", "ray.io", "v1"] or parts[-1] != "rayjobs":
+                    return self._send(404, {"kind": "Status", "code": 404})
+                problems = k8s_schema.problems(body)
+                if problems:
+                    return self._send(422, {"kind": "Status", "code": 422, "message": "; ".join(problems)})
+                api.created.append(body)
+                if body["spec"]["clusterSelector"]["ray.io/cluster"] in api.clusters:
+                    api._start(body)
+                self._send(201, body)
+
+            def do_DELETE(self) -> None:
+                name = urlparse(self.path).path.rstrip("/").split("/")[-1]
+                api.deleted.append(name)
+                self._send(200, {"kind": "Status", "status": "Success"})
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                parts, query = url.path.strip("/").split("/"), parse_qs(url.query)
+                if parts[:2] == ["apis", "ray.io"]:
+                    job = self._job(parts[-1])
+                    if job is None:
+                        return self._send(404, {"kind": "Status", "code": 404})
+                    return self._send(200, {**job, "status": api._status(job)})
+                if parts[:2] == ["api", "v1"] and parts[-1] == "pods":
+                    job = self._job(query.get("labelSelector", [""])[0].partition("=")[2])
+                    items = [api._pod(job)] if job is not None and job["metadata"]["name"] in api._runs else []
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+                if parts[:2] == ["api", "v1"] and parts[-1] == "log":
+                    return self._stream(parts[-2].removesuffix("-submit"))
+                self._send(404, {"kind": "Status", "code": 404})
+
+            def _stream(self, name: str) -> None:
+                """The entrypoint's output as it is written, until it has exited (chunked, like follow=true)."""
+                process, log = api._runs[name]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                with open(log, "rb") as source:
+                    while True:
+                        ended = process.poll() is not None
+                        data = source.read()
+                        if data:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                            self.wfile.flush()
+                        elif ended:
+                            break
+                        else:
+                            time.sleep(0.1)
+                self.wfile.write(b"0\r\n\r\n")
 
         return Handler

@@ -49,13 +49,11 @@ class CheckpointMirror:
 
     def restore(self) -> str | None:
         """Download the remote checkpoints when there are none here; returns what was restored."""
-        from emu.artifacts.s3 import S3Location, client, download_prefix
+        from emu.artifacts.s3 import download_prefix, has_objects
 
         if any(self.location.rglob(LATEST)):
             return None
-        remote = S3Location.parse(self.remote)
-        listing = client().list_objects_v2(Bucket=remote.bucket, Prefix=remote.prefix + "/", MaxKeys=1)
-        if not listing.get("KeyCount"):  # a first attempt: nothing to resume
+        if not has_objects(self.remote):  # a first attempt: nothing to resume
             return None
         download_prefix(self.remote, self.location)
         restored = sorted(str(p.relative_to(self.location)) for p in self.location.rglob(LATEST))

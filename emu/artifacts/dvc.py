@@ -66,7 +66,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ from typing import Any
 from emu.errors import ConfigError, EmuError, SourceError
 
 __all__ = [
-    "ArtifactNotFoundError", "ArtifactRef", "ArtifactStore", "MANIFEST_FILE", "PulledArtifact",
+    "ArtifactNotFoundError", "ArtifactRef", "ArtifactStore", "MANIFEST_FILE", "PulledArtifact", "RemoteFile",
     "check_md5", "default_remote", "default_workdir", "emu_home", "pull_run",
 ]
 
@@ -266,6 +266,59 @@ class ArtifactStore:
                 raise
         return dest if md5.endswith(".dir") else dest / filename
 
+    def pull_files(self, md5: str, dest: str | os.PathLike[str], wanted: Callable[[str], bool]) -> list[RemoteFile]:
+        """Restore into `dest` only the files of folder artifact `md5` whose relative path
+        `wanted` accepts, and return the listing of all its files with their objects' locations
+        in the remote (`s3://bucket/.../files/md5/..` or a local path), so that a reader (a Ray
+        worker) can read each of the others straight from the remote, one at a time, without
+        pulling the folder. Files already in `dest` with their md5's size are kept."""
+        from dvc_data.hashfile.transfer import transfer
+        from dvc_data.hashfile.tree import Tree
+
+        check_md5(md5)
+        if not md5.endswith(".dir"):
+            raise ConfigError(f"{md5} is a file artifact; only a folder artifact has files to choose from")
+        dest = Path(dest).expanduser().absolute()
+        with self._repo() as repo:
+            odb = self._remote_odb(repo)
+            where = f"cannot pull files of {md5}"
+            with self._remote_errors(where):
+                if not _remote_has(odb, md5):
+                    raise ArtifactNotFoundError(f"artifact {md5} is not in the remote {self.remote} (never "
+                                                f"pushed there, or pushed to another remote)")
+                tree = Tree.load(odb, _hash_info(md5))
+                files = [RemoteFile(relpath="/".join(key), md5=oid.value, uri=self._uri(odb, oid.value))
+                         for key, _, oid in sorted(tree, key=lambda entry: entry[0])]
+                chosen = [f for f in files if wanted(f.relpath)]
+                result = transfer(odb, repo.cache.local, {_hash_info(f.md5) for f in chosen}, verify=True,
+                                  hardlink=False, shallow=False)
+            if result.failed:
+                raise SourceError(f"{where} from {self.remote}: {len(result.failed)} object(s) failed to "
+                                  f"download (see the log above); run again")
+            for f in chosen:
+                cached, target = Path(repo.cache.local.oid_to_path(f.md5)), dest / f.relpath
+                if target.is_file() and target.stat().st_size == cached.stat().st_size:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{_TMP_PREFIX}{secrets.token_hex(8)}")
+                shutil.copyfile(cached, tmp)
+                os.replace(tmp, target)
+        return files
+
+    def pull_cached(self, md5: str, cache: str | os.PathLike[str]) -> Path:
+        """`cache/<md5>`, pulled once per machine: concurrent callers (a node's ranks, a Ray
+        node's actors) wait on one lock, and a copy that is complete is used as it is."""
+        check_md5(md5)
+        cache = Path(cache).expanduser().absolute()
+        cache.mkdir(parents=True, exist_ok=True)
+        dest, done = cache / md5, cache / f"{md5}.complete"
+        with _locked(cache / f"{md5}.lock"):
+            if not done.exists():
+                shutil.rmtree(dest, ignore_errors=True)
+                self.pull(md5, dest, None if md5.endswith(".dir") else "file")
+                done.touch()
+        return dest
+
     # -- DVC plumbing --------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -408,6 +461,15 @@ class ArtifactStore:
                     if isinstance(exc, PermissionError) and self._s3 is not None else "")
             raise SourceError(f"{where}: DVC remote {self.remote}{endpoint} failed "
                               f"({type(exc).__name__}: {reason}){hint}") from exc
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a folder artifact in the remote (ArtifactStore.listing)."""
+
+    relpath: str
+    md5: str
+    uri: str
 
 
 def _remote_has(odb: Any, oid: str) -> bool:

@@ -39,8 +39,8 @@ from typing import Any
 from emu.errors import ConfigError, SourceError
 
 __all__ = [
-    "MANIFEST_NAME", "S3Location", "S3Settings", "client", "default_cache_dir", "download_prefix",
-    "resolve_local", "upload_folder",
+    "MANIFEST_NAME", "S3Location", "S3Settings", "client", "default_cache_dir", "delete_object", "download_prefix",
+    "has_objects", "resolve_local", "upload_folder",
 ]
 
 #: Bookkeeping files in a download folder. `upload_folder` skips them, so a folder that was
@@ -341,6 +341,23 @@ def download_prefix(uri: str | S3Location, dest_dir: str | os.PathLike[str],
             if entries != previous:  # an unchanged folder is left untouched, manifest included
                 _write_manifest(dest, location, endpoint, entries)
     return dest
+
+
+def has_objects(uri: str | S3Location, settings: S3Settings | None = None) -> bool:
+    """Whether anything is stored under the prefix `uri` (a first attempt finds nothing to resume)."""
+    location = S3Location.parse(uri)
+    s3 = client(settings)
+    with _s3_errors(f"cannot list {location} at {s3.meta.endpoint_url}"):
+        listing = s3.list_objects_v2(Bucket=location.bucket, Prefix=location.prefix + "/", MaxKeys=1)
+    return bool(listing.get("KeyCount"))
+
+
+def delete_object(uri: str | S3Location, settings: S3Settings | None = None) -> None:
+    """Delete the object `uri` names (no error when it is absent)."""
+    location = S3Location.parse(uri)
+    s3 = client(settings)
+    with _s3_errors(f"cannot delete {location} at {s3.meta.endpoint_url}"):
+        s3.delete_object(Bucket=location.bucket, Key=location.prefix)
 
 
 def _list_objects(s3: Any, location: S3Location, where: str) -> list[_Object]:

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from emu.cluster.node import NodeJob, for_paths
+from emu.cluster.results import fetch_result, remote_prefix
 
 log = logging.getLogger(__name__)
 
 LAUNCH_ENV = "EMU_LAUNCH"
-#: S3 prefix for TrainJob results and checkpoints (infra/k8s/base/settings.env).
-CHECKPOINT_REMOTE_ENV = "EMU_CHECKPOINT_REMOTE"
 
 
 @dataclass
@@ -102,17 +101,13 @@ def _train(stage: str, configs: dict[str, Any], inputs: dict[str, tuple[Path, st
             raise RuntimeError(f"{stage}: torchrun over {procs} processes exited with {done.returncode} "
                                f"(the ranks' errors are above)")
         return
-    from emu.artifacts.s3 import download_prefix
-    from emu.cluster import trainjob
+    from emu.cluster import kube, trainjob
 
-    prefix = os.environ.get(CHECKPOINT_REMOTE_ENV, "").rstrip("/")
-    if not prefix.startswith("s3://"):
-        raise RuntimeError(f"{stage} runs on {launch.nodes} nodes, which write their result to S3: set "
-                           f"{CHECKPOINT_REMOTE_ENV}=s3://bucket/prefix (infra/k8s/base/settings.env)")
+    prefix = remote_prefix(f"{stage} runs on {launch.nodes} nodes, which write")
     result = f"{prefix}/results/{stage}-{uuid.uuid4().hex[:12]}"
     job = for_paths(stage, dicts, inputs, sources, result, by_md5=True)
-    body = trainjob.build(name=trainjob.job_name(stage), namespace=trainjob.own_namespace(), runtime=launch.runtime,
+    body = trainjob.build(name=kube.job_name(stage), namespace=kube.own_namespace(), runtime=launch.runtime,
                           image=launch.image, command=node_command(job), nodes=launch.nodes,
                           procs_per_node=procs, resources=launch.resources, env=launch.env)
     trainjob.run(body)
-    download_prefix(result, out)
+    fetch_result(result, out)

@@ -77,26 +77,16 @@ def for_paths(stage: str, configs: dict[str, dict[str, Any]], inputs: dict[str, 
 
 
 def resolve_inputs(job: NodeJob, cache: Path) -> dict[str, Path]:
-    """Local folders of the job's inputs, pulling DVC md5s into `cache` (local rank 0 pulls, the
-    node's other ranks wait for its marker)."""
-    import time
+    """Local folders of the job's inputs, pulling DVC md5s into `cache` once per node (the first
+    rank pulls, the node's other ranks wait on its lock)."""
+    from emu.artifacts.dvc import ArtifactStore
 
     local = {}
     for name, ref in job.inputs.items():
-        if not ref.startswith("md5:"):
+        if ref.startswith("md5:"):
+            local[name] = ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).pull_cached(ref[len("md5:"):], cache)
+        else:
             local[name] = Path(ref)
-            continue
-        md5 = ref[len("md5:"):]
-        dest, done = cache / md5, cache / f"{md5}.complete"
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not done.exists():
-            from emu.artifacts.dvc import ArtifactStore
-
-            shutil.rmtree(dest, ignore_errors=True)
-            ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).pull(md5, dest)
-            done.touch()
-        while not done.exists():
-            time.sleep(0.5)
-        local[name] = dest
     return local
 
 

@@ -342,8 +342,10 @@ def read_index(dataset_dir: Path) -> dict[str, Any]:
     return index
 
 
-def list_shards(dataset_dir: Path) -> list[Path]:
-    """The dataset's shard files in their deterministic read order (as recorded in dataset.json)."""
+def list_shards(dataset_dir: Path, require_files: bool = True) -> list[Path]:
+    """The dataset's shard files in their deterministic read order (as recorded in dataset.json).
+    `require_files` false: the folder holds the dataset's metadata only and the shards are read
+    from elsewhere (a DVC remote, emu.precompute.remote), so their absence is not an error."""
     index = read_index(dataset_dir)
     shards = []
     for entry in index.get("shards", []):
@@ -351,7 +353,7 @@ def list_shards(dataset_dir: Path) -> list[Path]:
         if not name or Path(name).name != name:
             raise DatasetError(f"{dataset_dir}/{DATASET_FILE}: invalid shard name {name!r}")
         path = Path(dataset_dir) / name
-        if not path.is_file():
+        if require_files and not path.is_file():
             raise DatasetError(f"{dataset_dir}/{DATASET_FILE} lists {name} but the file is missing")
         shards.append(path)
     return shards

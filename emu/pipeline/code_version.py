@@ -30,7 +30,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "prepare": ("emu.data.prepare", "emu.data.synth", "emu.artifacts.s3"),
     "validate": ("emu.validate.gate",),
     "stage1": _TRAINING,
-    "precompute": ("emu.precompute.job",),
+    "precompute": ("emu.precompute.job", "emu.cluster.ray_launch"),
     "stage2": _TRAINING,
     "decoder": _TRAINING,
     "instruct": _TRAINING,

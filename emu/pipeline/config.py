@@ -41,6 +41,9 @@ class StageResources:
     retries: int = 0
     #: Seconds the task's pod may run (0 = no limit): a hung task fails, and is retried.
     timeout_s: int = 0
+    #: precompute only: the KubeRay RayCluster (in the run's namespace) to run on, as a RayJob
+    #: reading the shards from the DVC remote (emu.precompute.remote); empty = Ray in the task's pod.
+    ray_cluster: str = ""
 
     def __post_init__(self) -> None:
         if self.accelerators < 0:
@@ -86,3 +89,6 @@ class PipelineConfig:
         unknown = [s for s in self.resources if s not in STAGES]
         if unknown:
             raise ConfigError(f"pipeline.resources: unknown stages {unknown}; stages: {', '.join(STAGES)}")
+        misplaced = [s for s, r in self.resources.items() if r.ray_cluster and s != "precompute"]
+        if misplaced:
+            raise ConfigError(f"pipeline.resources.{misplaced[0]}.ray_cluster: only precompute runs on a RayCluster")

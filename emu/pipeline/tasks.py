@@ -246,11 +246,14 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
 
 def precompute_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, preset: str, config: str,
                     embeddings) -> str:
+    from emu.cluster import ray_launch
     from emu.precompute.job import run_precompute
 
     cfg = stage_config("precompute", preset, config)
     with execution("precompute", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model")}) as run:
-        run_precompute(training_sources(Path(dataset), preset), str(Path(model) / "model"), Path(embeddings.path), cfg)
+        sources, out = training_sources(Path(dataset), preset), Path(embeddings.path)
+        ray_launch.precompute(cfg, (Path(dataset), dataset_md5), (Path(model) / "model", model_md5), sources, out,
+                          lambda: run_precompute(sources, str(Path(model) / "model"), out, cfg))
         return run.output("embeddings", Path(embeddings.path), "embeddings", embeddings)
 
 
@@ -282,7 +285,7 @@ def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: s
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
         launch.train("decoder", {"decoder": cfg, "visual_decoder": architecture},
-                     {"dataset": (Path(dataset), dataset_md5), "encoder": (Path(encoder), encoder_md5)},
+                     {"dataset": (Path(dataset), dataset_md5), "encoder": (Path(encoder) / "model", encoder_md5)},
                      sources, out, lambda: train_decoder(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
@@ -314,7 +317,9 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
                                                   embeddings=embeddings_md5))
         sources = training_sources(Path(dataset), preset)
         link_shards(run, sources, cfg.batch_sizes)
-        launch.train(stage, {stage: cfg}, {"dataset": (Path(dataset), dataset_md5), "init": (Path(init), init_md5),
+        # Each md5 is of the folder the config names (the export inside the previous task's
+        # output), so that a TrainJob node pulling it by md5 finds what the config points at.
+        launch.train(stage, {stage: cfg}, {"dataset": (Path(dataset), dataset_md5), "init": (Path(init) / "model", init_md5),
                                            "embeddings": (Path(embeddings), embeddings_md5)},
                      sources, out, lambda: train(cfg, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)

@@ -46,7 +46,8 @@ class PrecomputeConfig:
     decoder: str = ""
     #: Side in pixels of the latent crop; 0 = the decoder's output size (sample_size x VAE factor).
     latent_size: int = 0
-    #: Ray cluster to run on (`ray://host:10001` or `host:6379`); empty = a local in-process Ray.
+    #: Ray cluster to run on (`ray://host:10001` or `host:6379`); empty = $RAY_ADDRESS (set in a
+    #: RayJob's driver) or, without it, a local in-process Ray.
     #: Workers must reach the shard files and the model path.
     ray_address: str = ""
     #: Storage dtype of the embeddings and latents (bfloat16 halves the size).

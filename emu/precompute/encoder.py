@@ -24,6 +24,7 @@ from emu.errors import ConfigError
 from emu.model.config import EmuConfig
 from emu.model.vision import EvaVisionTransformer, pool_patches, resize_position_embeddings
 from emu.precompute.content import HASH_DTYPES, module_sha256
+from emu.precompute.sources import MD5_PREFIX, local_model
 
 MODEL_CONFIG = "emu.json"    # emu.model.io.CONFIG_FILE
 MODEL_WEIGHTS = "model.safetensors"  # emu.model.io.WEIGHTS_FILE (everything but the LM)
@@ -31,7 +32,9 @@ MODEL_WEIGHTS = "model.safetensors"  # emu.model.io.WEIGHTS_FILE (everything but
 
 def local_folder(path: str | Path) -> Path:
     """A local folder for a model path; s3:// URIs are fetched by the S3 adapter (as emu.model.io
-    does, without importing the LM code)."""
+    does, without importing the LM code), `md5:` references pulled from the DVC remote."""
+    if str(path).startswith(MD5_PREFIX):
+        return Path(local_model(str(path)))
     if str(path).startswith("s3://"):
         from emu.artifacts.s3 import resolve_local
 

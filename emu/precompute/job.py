@@ -17,7 +17,8 @@ Re-runs compute only what is missing (emu.precompute.content for addresses and l
     stage never reads a precompute whose run did not finish.
 
 The driver writes every file (outputs need no shared file system); workers read the shards and
-the model, so on a Ray cluster they must reach those paths (shared storage, s3:// model URIs).
+the model, so on a Ray cluster they get sources every node reaches: the shards' objects in the
+DVC remote and the model by md5 (emu.precompute.remote, emu.precompute.sources).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from emu.precompute.content import (CONFIG_FILE, FORMAT, PART_FORMAT, SUMMARY_FI
                                     atomic_write, bytes_sha256, embedding_spec, fingerprint, iter_shard_images,
                                     latent_spec, part_paths, read_part_index, shard_digest)
 from emu.precompute.encoder import Encoder, load_encoder
+from emu.precompute.sources import local_shard
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class _Part:
     dataset: str
     shard: Path
     expected_images: int | None
+    #: where workers read the shard: its path, or its object in the DVC remote
+    source: str
 
     @property
     def name(self) -> str:
@@ -100,20 +105,24 @@ class _Run:
 
 # ---- the stage ---------------------------------------------------------------------------------
 
-def run_precompute(data: list[Path], model: str, out: Path, config: PrecomputeConfig) -> PrecomputeSummary:
-    """Encode every image of the datasets under `data` with the frozen encoder of `model` (a folder
-    or s3:// URI) and write the parts under `out`. Re-running on the same `out` computes only the
-    parts that are missing or stale (module docstring)."""
+def run_precompute(data: list[Path], model: str, out: Path, config: PrecomputeConfig,
+                   shard_sources: Mapping[Path, str] | None = None) -> PrecomputeSummary:
+    """Encode every image of the datasets under `data` with the frozen encoder of `model` (a folder,
+    an s3:// URI or an `md5:` reference, emu.precompute.sources) and write the parts under `out`.
+    Re-running on the same `out` computes only the parts that are missing or stale (module
+    docstring). `shard_sources` (shard path -> where workers read it): `data` holds the datasets'
+    metadata only, and every shard is read from its source (an object of the DVC remote)."""
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a folder")
-    datasets = _datasets(data)
+    datasets = _datasets(data, require_shards=shard_sources is None)
     run = _prepare_run(model, config)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(config, "precompute", out / CONFIG_FILE)
     (out / SUMMARY_FILE).unlink(missing_ok=True)  # written last: absent until this run finishes
-    parts = [_Part(i, name, shard, _manifest_images(path, shard))
+    sources = shard_sources or {}
+    parts = [_Part(i, name, shard, _manifest_images(path, shard), str(sources.get(shard, shard)))
              for i, (name, path, shard) in enumerate((n, p, s) for n, p, shards in datasets for s in shards)]
 
     ray_temp = _start_ray(config)
@@ -142,13 +151,13 @@ def run_precompute(data: list[Path], model: str, out: Path, config: PrecomputeCo
     return summary
 
 
-def _datasets(data: list[Path]) -> list[tuple[str, Path, list[Path]]]:
+def _datasets(data: list[Path], require_shards: bool = True) -> list[tuple[str, Path, list[Path]]]:
     """(name, folder, shards) per dataset under `data` (a dataset, or a folder of datasets, as the
     training stages read them). Parts go to out/<name>/, so names must be unique."""
     from emu.train.data import discover
 
     refs = {}
-    for group in discover([Path(d) for d in data]).values():
+    for group in discover([Path(d) for d in data], require_shards).values():
         for ref in group:
             refs.setdefault(ref.path.resolve(), ref)
     by_name: dict[str, Path] = {}
@@ -213,16 +222,19 @@ def _prepare_run(model: str, config: PrecomputeConfig) -> _Run:
 # ---- Ray ---------------------------------------------------------------------------------------
 
 def _start_ray(config: PrecomputeConfig) -> str | None:
-    """Start (or join) Ray unless this process already has; returns the temp dir of a local Ray
-    started here (removed by _stop_ray), "" when joined a cluster, None when Ray was up."""
+    """Start (or join: precompute.ray_address, else $RAY_ADDRESS) Ray unless this process already
+    has; returns the temp dir of a local Ray started here (removed by _stop_ray), "" when joined a
+    cluster, None when Ray was up."""
     import ray
 
     if ray.is_initialized():
         return None
     for name, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    if config.ray_address:
-        ray.init(address=config.ray_address, logging_level=logging.WARNING)
+    # RAY_ADDRESS: how `ray job submit` (a RayJob's submitter) tells its driver the cluster.
+    address = config.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
         return ""
     # Ray's own temp (sockets, logs, spilled objects); in the system temp dir because Unix socket
     # paths are limited to ~107 characters, which a path inside a deep `out` can exceed.
@@ -296,7 +308,7 @@ def _fresh_parts(parts: list[_Part], out: Path, spec: Spec) -> dict[int, int]:
             candidates[part.id] = index
     if not candidates:
         return {}
-    items = [{"part": pid, "shard": str(parts[pid].shard)} for pid in candidates]
+    items = [{"part": pid, "shard": parts[pid].source} for pid in candidates]
     with _data_context():
         checked = ray.data.from_items(items, override_num_blocks=len(items)).map(
             _digest_item, fn_kwargs={"spec": wanted}).take_all()
@@ -305,17 +317,19 @@ def _fresh_parts(parts: list[_Part], out: Path, spec: Spec) -> dict[int, int]:
 
 
 def _digest_item(item: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    digest, images, _ = shard_digest(Path(item["shard"]), Spec.from_json(spec))
+    with local_shard(item["shard"]) as shard:
+        digest, images, _ = shard_digest(shard, Spec.from_json(spec))
     return {"part": item["part"], "digest": digest, "images": images}
 
 
 def _expand(item: dict[str, Any], spec: dict[str, Any]):
     """One row per image of the shard, with its content addresses (JSON)."""
     addressing = Spec.from_json(spec)
-    for row in iter_shard_images(Path(item["shard"])):
-        sha = bytes_sha256(row.data) if not row.problem else ""
-        yield {"part": item["part"], "key": row.key, "index": row.index, "image": row.data, "image_sha256": sha,
-               "addresses": json.dumps(addressing.addresses(sha)) if sha else "{}", "problem": row.problem}
+    with local_shard(item["shard"]) as shard:
+        for row in iter_shard_images(shard):
+            sha = bytes_sha256(row.data) if not row.problem else ""
+            yield {"part": item["part"], "key": row.key, "index": row.index, "image": row.data, "image_sha256": sha,
+                   "addresses": json.dumps(addressing.addresses(sha)) if sha else "{}", "problem": row.problem}
 
 
 def _decode(batch: dict[str, np.ndarray], vision: dict[str, Any], latent_size: int) -> dict[str, np.ndarray]:
@@ -421,7 +435,7 @@ def _compute(todo: list[_Part], out: Path, run: _Run, config: PrecomputeConfig, 
 
     latent_size = run.latent["latent_size"] if run.latent else 0
     with _data_context():
-        items = [{"part": p.id, "shard": str(p.shard)} for p in todo]
+        items = [{"part": p.id, "shard": p.source} for p in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(_expand, fn_kwargs={"spec": run.spec.to_json()})
         ds = ds.map_batches(_decode, batch_size=config.batch_size, batch_format="numpy",

@@ -87,12 +87,15 @@ class DatasetRef:
         return sum(s.counts.get(data_type, 0) for s in self.shards)
 
 
-def discover(data_dirs: list[Path]) -> dict[str, list[DatasetRef]]:
+def discover(data_dirs: list[Path], require_shards: bool = True) -> dict[str, list[DatasetRef]]:
     """The datasets under `data_dirs` and which data types they hold, keyed by data type (in
     DATA_TYPES order; only types with samples). A folder is a dataset if it has dataset.json;
     otherwise its sub-folders are searched, recursively and in sorted order (hidden ones skipped).
     A dataset holding several types is listed under each. Only the manifests' `kind` and
     `n_frames` columns are read: no tar, no image.
+
+    `require_shards` false: the folders hold metadata only (dataset.json, manifests), the tars are
+    read from elsewhere (emu.precompute.remote reads them from the DVC remote).
 
     Raises ConfigError for a folder that is missing or holds no dataset, or a dataset reached
     twice (its samples would be read twice per epoch); DatasetError for a broken dataset.
@@ -112,7 +115,7 @@ def discover(data_dirs: list[Path]) -> dict[str, list[DatasetRef]]:
                 raise ConfigError(f"dataset {dataset_dir} is reached twice (from data folders {seen[real]} and "
                                   f"{data_dir}); give each dataset once, or its samples are read twice per epoch")
             seen[real] = data_dir
-            ref = _read_dataset(dataset_dir)
+            ref = _read_dataset(dataset_dir, require_shards)
             for t in ref.counts:
                 found.setdefault(t, []).append(ref)
     return {t: found[t] for t in DATA_TYPES if t in found}
@@ -136,9 +139,9 @@ def _find_datasets(folder: Path, visited: set[Path]) -> list[Path]:
     return out
 
 
-def _read_dataset(dataset_dir: Path) -> DatasetRef:
+def _read_dataset(dataset_dir: Path, require_shards: bool = True) -> DatasetRef:
     index = read_index(dataset_dir)
-    tars = list_shards(dataset_dir)  # checks names and that every listed tar exists
+    tars = list_shards(dataset_dir, require_shards)  # checks names (and that every listed tar exists)
     shards = []
     for entry, tar in zip(index.get("shards", []), tars):
         manifest = _manifest_path(dataset_dir, entry)

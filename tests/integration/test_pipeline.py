@@ -33,7 +33,7 @@ def test_compiled_yaml_carries_the_gpu_node_pool_settings():
     spec = yaml.safe_load_all((ROOT / "pipelines" / "emu_pipeline.yaml").read_text())
     docs = list(spec)
     executors = docs[0]["deploymentSpec"]["executors"]
-    for stage in ("stage1", "precompute", "stage2", "decoder", "instruct"):
+    for stage in ("stage1", "stage2", "decoder", "instruct"):  # precompute's GPUs are the RayCluster's
         resources = executors[f"exec-{stage}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert resources["accelerator"]["resourceCount"] == "8"

@@ -84,6 +84,9 @@ def test_committed_pipeline_carries_layout_retries_timeouts_and_secrets():
               for s in ("stage1", "stage2", "decoder", "instruct")}
     assert launch["stage2"]["nodes"] == 4 and launch["stage1"]["nodes"] == 1
     assert launch["stage2"]["procs_per_node"] == 8 and launch["stage2"]["resources"]["nvidia.com/gpu"] == "8"
+    precompute = executors["exec-precompute"]["container"]
+    assert {v["name"]: v["value"] for v in precompute["env"]}["EMU_RAY_CLUSTER"] == "emu-ray"
+    assert "accelerator" not in precompute["resources"], "precompute's GPUs are the RayCluster's, not its pod's"
     tasks = docs[0]["root"]["dag"]["tasks"]
     assert tasks["stage2"]["retryPolicy"]["maxRetryCount"] == 3
     kubernetes = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.cluster import trainjob
+from emu.cluster import kube, trainjob
 from emu.cluster.launch import Launch, node_command
 from emu.cluster.node import NodeJob, for_paths
 from tests import k8s_schema
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(k8s_schema.crd_dir_missing() is not None, reason
 def _job(tmp_path: Path) -> NodeJob:
     dataset = tmp_path / "dataset"
     init = tmp_path / "stage1" / "model"
-    configs = {"stage2": {"init": str(init / "model"), "precomputed": str(tmp_path / "emb"), "steps": 3}}
+    configs = {"stage2": {"init": str(init), "precomputed": str(tmp_path / "emb"), "steps": 3}}
     inputs = {"dataset": (dataset, "a" * 32 + ".dir"), "init": (init, "b" * 32 + ".dir"),
               "embeddings": (tmp_path / "emb", "c" * 32 + ".dir")}
     return for_paths("stage2", configs, inputs, [dataset / "webvid", dataset / "mmc4"], "s3://b/results/x", by_md5=True)
@@ -30,7 +30,7 @@ def _job(tmp_path: Path) -> NodeJob:
 def _body(tmp_path, monkeypatch, nodes=2):
     monkeypatch.setenv("KFP_POD_NAME", "emu-run-stage2-driver")
     monkeypatch.setenv("KFP_POD_UID", "0c2b7f0e-1111-2222-3333-444455556666")
-    return trainjob.build(name=trainjob.job_name("stage2"), namespace="team-a", runtime="emu-torch",
+    return trainjob.build(name=kube.job_name("stage2"), namespace="team-a", runtime="emu-torch",
                           image="registry.example.com/emu@sha256:" + "0" * 64, command=node_command(_job(tmp_path)),
                           nodes=nodes, procs_per_node=8,
                           resources={"nvidia.com/gpu": "8", "cpu": "96", "memory": "1500Gi"},
@@ -40,7 +40,7 @@ def _body(tmp_path, monkeypatch, nodes=2):
 def test_node_job_names_inputs_by_md5_not_by_the_task_pods_paths(tmp_path):
     job = _job(tmp_path)
     assert str(tmp_path) not in job.to_json()
-    assert job.configs["stage2"]["init"] == "{input:init}/model"
+    assert job.configs["stage2"]["init"] == "{input:init}"
     assert job.inputs["dataset"] == "md5:" + "a" * 32 + ".dir"
     assert job.sources == ["webvid", "mmc4"]
     assert NodeJob.from_json(job.to_json()) == job
@@ -76,7 +76,7 @@ def test_trainjob_is_created_watched_and_its_logs_streamed(tmp_path, monkeypatch
 def test_a_failed_trainjob_fails_the_task_with_the_reason_and_exit_code(tmp_path, monkeypatch):
     body = _body(tmp_path, monkeypatch)
     with KubeAPI(outcome="Failed", exit_code=137, reason="FailedPolicy") as api:
-        with pytest.raises(trainjob.TrainJobFailed) as failed:
+        with pytest.raises(kube.JobFailed) as failed:
             trainjob.run(body, client=api.client(), poll_s=0.05, stream=io.StringIO())
     name = body["metadata"]["name"]
     assert str(failed.value) == (f"TrainJob team-a/{name} failed: FailedPolicy: jobset failed; "

@@ -1,0 +1,150 @@
+"""The Kubernetes side of the jobs pipeline tasks create (Kubeflow Trainer TrainJobs, KubeRay
+RayJobs): the API client, the pod's namespace and ownership, and the loop that creates a job,
+streams its pods' logs until it ends, maps its failure and deletes it. The only Kubernetes-client
+import of the platform (DESIGN.md convention 5), with emu.cluster.trainjob and .rayjob.
+
+A task's pod creates its job in its own namespace through the API (its service account may:
+infra/k8s/base/rbac.yaml) with the pod as owner, so a task pod that is deleted (preempted, timed
+out) takes its job with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class JobFailed(RuntimeError):
+    """The job ended failed (or one of its pods failed for good)."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """How to create and follow one kind of job."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    #: label whose value is the job's name on the pods to follow
+    pod_label: str
+    #: the container of those pods whose log is streamed
+    container: str
+    #: ("Complete" | "Failed", reason) once the job has ended, else None
+    outcome: Callable[[dict[str, Any]], tuple[str, str] | None]
+
+
+def job_name(stage: str) -> str:
+    """A fresh DNS-label name per attempt: a retried task must not collide with its last job."""
+    return f"emu-{stage}-{uuid.uuid4().hex[:10]}"
+
+
+def own_namespace() -> str:
+    """The namespace this pod runs in (its service account's), else $POD_NAMESPACE, else default."""
+    if _NAMESPACE_FILE.is_file():
+        return _NAMESPACE_FILE.read_text(encoding="utf-8").strip()
+    return os.environ.get("POD_NAMESPACE") or "default"
+
+
+def metadata(name: str, namespace: str) -> dict[str, Any]:
+    """A job's metadata: the platform's label and, inside a KFP task, the task's pod as owner."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace,
+                            "labels": {"app.kubernetes.io/part-of": "emu-platform"}}
+    pod, uid = os.environ.get("KFP_POD_NAME"), os.environ.get("KFP_POD_UID")
+    if pod and uid:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}]
+    return meta
+
+
+def api_client():
+    """In a pod: its service account; elsewhere: the kubeconfig ($KUBECONFIG, read now: the
+    client reads it once, when first imported)."""
+    from kubernetes import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+    return client.ApiClient()
+
+
+def run(kind: JobKind, body: dict[str, Any], note: str = "", client=None, poll_s: float = 5.0,
+        stream: TextIO | None = None, delete: bool = True) -> dict[str, Any]:
+    """Create the job, stream the logs of its pods to `stream` (lines prefixed with the pod's
+    name) until it ends; return its final object, or raise JobFailed with the controller's reason
+    and the failed pods' exit codes. The job is deleted afterwards (its logs are in ours)."""
+    from kubernetes import client as k8s
+
+    stream = stream or sys.stdout
+    api = client or api_client()
+    custom, core = k8s.CustomObjectsApi(api), k8s.CoreV1Api(api)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    label = f"{kind.kind} {namespace}/{name}"
+    custom.create_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, body)
+    print(f"{label}: created{f' ({note})' if note else ''}", file=stream, flush=True)
+    selector = f"{kind.pod_label}={name}"
+    followers: dict[str, threading.Thread] = {}
+    lock = threading.Lock()
+    try:
+        while True:
+            obj = custom.get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, name)
+            for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+                if pod.metadata.name not in followers and pod.status.phase in ("Running", "Succeeded", "Failed"):
+                    followers[pod.metadata.name] = thread = threading.Thread(
+                        target=_follow, args=(core, namespace, pod.metadata.name, kind.container, stream, lock),
+                        daemon=True)
+                    thread.start()
+            ended = kind.outcome(obj)
+            if ended is not None:
+                for thread in followers.values():
+                    thread.join(timeout=60)
+                state, reason = ended
+                if state == "Failed":
+                    exits = _failed_pods(core, namespace, selector)
+                    raise JobFailed(f"{label} failed: {reason or 'no reason given'}" + (f"; {exits}" if exits else ""))
+                print(f"{label}: complete", file=stream, flush=True)
+                return obj
+            time.sleep(poll_s)
+    finally:
+        if delete:
+            try:
+                custom.delete_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, name,
+                                                       propagation_policy="Background")
+            except Exception as exc:  # the job's outcome matters more than its clean-up
+                print(f"{label}: not deleted ({type(exc).__name__}: {exc})", file=stream)
+
+
+def _follow(core, namespace: str, pod: str, container: str, stream: TextIO, lock: threading.Lock) -> None:
+    """Copy one pod's log, line by line, as it is written."""
+    response = core.read_namespaced_pod_log(pod, namespace, container=container, follow=True,
+                                            _preload_content=False)
+    pending = b""
+    for chunk in response.stream(4096):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        with lock:
+            for line in lines:
+                print(f"[{pod}] {line.decode('utf-8', 'replace')}", file=stream, flush=True)
+    if pending:
+        with lock:
+            print(f"[{pod}] {pending.decode('utf-8', 'replace')}", file=stream, flush=True)
+
+
+def _failed_pods(core, namespace: str, selector: str) -> str:
+    """`pod exited 1 (Error)` for each of the job's pods whose container failed."""
+    found = []
+    for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+        for status in pod.status.container_statuses or []:
+            ended = status.state.terminated if status.state else None
+            if ended is not None and ended.exit_code:
+                found.append(f"{pod.metadata.name} exited {ended.exit_code} ({ended.reason or 'no reason'})")
+    return ", ".join(sorted(found))
