@@ -97,3 +97,57 @@ def test_precompute_task_runs_as_a_rayjob_reading_shards_from_s3(world, init_mod
     assert not list(head.rglob("*.tar")), "the driver copied shards; workers must read them from the remote"
     assert "computed 0 images (0 parts)" in retry_log, retry_log
     assert store.md5(again) == store.md5(reference)
+
+
+def _break_first_image(tar_path: Path) -> str:
+    """Replace the first image of a shard with bytes no decoder reads; returns its member name."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path) as source:
+        members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
+    broken = next(m.name for m, _ in members if m.name.endswith((".png", ".jpg")))
+    with tarfile.open(tar_path, "w") as target:
+        for member, data in members:
+            data = b"not an image" if member.name == broken else data
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    return broken
+
+
+def test_a_failing_driver_uploads_the_parts_it_finished_and_no_summary(world, init_model, tmp_path, monkeypatch):
+    """The RayJob's entrypoint, run as the submitter runs it, on data with an undecodable image in
+    one shard: it exits 2 naming the sample, and the parts it did finish are in S3 for the retry,
+    without precompute.json (a training stage never reads an unfinished precompute)."""
+    from emu.artifacts.s3 import download_prefix
+    from emu.cluster.ray_launch import remote_command
+    from emu.config import to_dict
+    from emu.precompute.remote import PrecomputeJob
+
+    data = tmp_path / "data"
+    for name in ("img2dataset", "webvid"):
+        shutil.copytree(world / name, data / name)
+    broken = _break_first_image(data / "webvid" / "shard-000000.tar")
+    with seaweedfs(tmp_path / "s3") as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        remote = f"s3://{server.bucket}/dvc"
+        store = ArtifactStore(remote, workdir=tmp_path / "task-dvc")
+        job = PrecomputeJob(config=to_dict(resolve(PrecomputeConfig, "precompute", "tiny")),
+                            dataset=store.push(data).md5, sources=["img2dataset", "webvid"],
+                            model=store.push(init_model).md5, out=f"s3://{server.bucket}/results/precompute-test")
+        head = Path(tempfile.mkdtemp(prefix="emu-head-"))  # short: Ray's socket paths must stay < 108 chars
+        try:
+            command = remote_command(job)
+            done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=600,
+                                  env={**os.environ, "EMU_DVC_REMOTE": remote, "EMU_HOME": str(head / "home"),
+                                       "EMU_CACHE_DIR": str(head / "cache"), "TMPDIR": str(head)})
+        finally:
+            shutil.rmtree(head, ignore_errors=True)
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "error: 1 samples or images could not be decoded" in done.stderr, done.stderr[-2000:]
+        assert f"webvid/shard-000000 key '{broken.split('.')[0]}': image_undecodable: image 0" in done.stderr
+        uploaded = download_prefix(job.out, tmp_path / "uploaded")
+    assert (uploaded / "img2dataset" / "shard-000000.index.json").is_file()
+    assert not (uploaded / "webvid" / "shard-000000.index.json").exists()
+    assert not (uploaded / "precompute.json").exists()
