@@ -6,9 +6,12 @@
     GET    /api/v1/namespaces/NS/pods?labelSelector=jobset.sigs.k8s.io/jobset-name=NAME
     GET    /api/v1/namespaces/NS/pods/POD/log?container=node&follow=true   (chunked, as the log grows)
 
-`KubeRayAPI` speaks the RayJob calls the same way and plays KubeRay for real: a RayJob created on
-a RayCluster it knows has its entrypoint run here as the submitter would (a subprocess), its
-output served as the submitter pod's log while it runs, and its exit status as the RayJob's.
+`KubeRayAPI` speaks the RayJob calls the same way (and GET of its RayClusters, whose head runs
+`image`) and plays KubeRay for real: a RayJob created on a RayCluster it knows has its entrypoint
+run here as the submitter would (a subprocess), its output served as the submitter pod's log while
+it runs, and its exit status as the Ray job's status (the submitter pod itself exits 0, as
+KubeRay's does: it ends with `ray job logs --follow`). On an unknown cluster the RayJob stays
+Initializing, as with KubeRay.
 
 KubeAPI plays the Trainer controller for a created TrainJob: on the first GET its node pods are
 Running and start logging `lines`; once their logs are written the job ends in `outcome`
@@ -157,8 +160,9 @@ def _send_json(handler: BaseHTTPRequestHandler, code: int, body) -> None:
 class KubeRayAPI:
     """RayJobs (ray.io/v1) on the RayClusters `clusters`; their entrypoints run with `env` in `cwd`."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, clusters: tuple[str, ...] = ("emu-ray",)) -> None:
-        self.env, self.cwd, self.clusters = env, Path(cwd), clusters
+    def __init__(self, env: dict[str, str], cwd: Path, clusters: tuple[str, ...] = ("emu-ray",),
+                 image: str = "emu") -> None:
+        self.env, self.cwd, self.clusters, self.image = env, Path(cwd), clusters, image
         self.created: list[dict] = []
         self.deleted: list[str] = []
         self._runs: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -193,8 +197,7 @@ class KubeRayAPI:
     def _status(self, job: dict) -> dict:
         name, cluster = job["metadata"]["name"], job["spec"]["clusterSelector"]["ray.io/cluster"]
         if cluster not in self.clusters:
-            return {"jobDeploymentStatus": "Failed", "reason": "ValidationFailed",
-                    "message": f"RayCluster {cluster} not found"}
+            return {"jobDeploymentStatus": "Initializing"}
         process, _ = self._runs[name]
         code = process.poll()
         if code is None:
@@ -205,14 +208,12 @@ class KubeRayAPI:
 
     def _pod(self, job: dict) -> dict:
         name = job["metadata"]["name"]
-        code = self._runs[name][0].poll() if name in self._runs else None
-        state = {"running": {}} if code is None else {"terminated": {"exitCode": code,
-                                                                     "reason": "Completed" if code == 0 else "Error"}}
-        phase = "Running" if code is None else ("Succeeded" if code == 0 else "Failed")
-        return {"metadata": {"name": f"{name}-submit", "namespace": job["metadata"]["namespace"],
+        ended = self._runs[name][0].poll() is not None if name in self._runs else False
+        state = {"terminated": {"exitCode": 0, "reason": "Completed"}} if ended else {"running": {}}
+        return {"metadata": {"name": f"{name}-x7k2p", "namespace": job["metadata"]["namespace"],
                              "labels": {"batch.kubernetes.io/job-name": name}},
-                "status": {"phase": phase, "containerStatuses": [
-                    {"name": "ray-job-submitter", "ready": code is None, "restartCount": 0, "image": "emu",
+                "status": {"phase": "Succeeded" if ended else "Running", "containerStatuses": [
+                    {"name": "ray-job-submitter", "ready": not ended, "restartCount": 0, "image": "emu",
                      "imageID": "", "state": state}]}}
 
     def _start(self, job: dict) -> None:
@@ -256,6 +257,13 @@ class KubeRayAPI:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 parts, query = url.path.strip("/").split("/"), parse_qs(url.query)
+                if parts[:2] == ["apis", "ray.io"] and parts[-2] == "rayclusters":
+                    if parts[-1] not in api.clusters:
+                        return self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                    head = {"name": "ray-head", "image": api.image}
+                    return self._send(200, {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                                            "metadata": {"name": parts[-1]},
+                                            "spec": {"headGroupSpec": {"template": {"spec": {"containers": [head]}}}}})
                 if parts[:2] == ["apis", "ray.io"]:
                     job = self._job(parts[-1])
                     if job is None:
@@ -266,7 +274,7 @@ class KubeRayAPI:
                     items = [api._pod(job)] if job is not None and job["metadata"]["name"] in api._runs else []
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 if parts[:2] == ["api", "v1"] and parts[-1] == "log":
-                    return self._stream(parts[-2].removesuffix("-submit"))
+                    return self._stream(parts[-2].removesuffix("-x7k2p"))
                 self._send(404, {"kind": "Status", "code": 404})
 
             def _stream(self, name: str) -> None:

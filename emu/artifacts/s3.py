@@ -40,7 +40,7 @@ from emu.errors import ConfigError, SourceError
 
 __all__ = [
     "MANIFEST_NAME", "S3Location", "S3Settings", "client", "default_cache_dir", "delete_object", "download_prefix",
-    "has_objects", "resolve_local", "upload_folder",
+    "has_objects", "resolve_local", "upload_file", "upload_folder",
 ]
 
 #: Bookkeeping files in a download folder. `upload_folder` skips them, so a folder that was
@@ -341,6 +341,14 @@ def download_prefix(uri: str | S3Location, dest_dir: str | os.PathLike[str],
             if entries != previous:  # an unchanged folder is left untouched, manifest included
                 _write_manifest(dest, location, endpoint, entries)
     return dest
+
+
+def upload_file(path: str | os.PathLike[str], uri: str | S3Location, settings: S3Settings | None = None) -> None:
+    """Upload one local file to the object `uri` (multipart when large)."""
+    location = S3Location.parse(uri)
+    s3 = client(settings)
+    with _s3_errors(f"cannot upload {path} to {location} at {s3.meta.endpoint_url}"):
+        s3.upload_file(str(path), location.bucket, location.prefix)
 
 
 def has_objects(uri: str | S3Location, settings: S3Settings | None = None) -> bool:

@@ -17,7 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from emu.cluster.image import DIGEST_ENV
 from emu.cluster.results import fetch_result, remote_prefix
+
+#: The KFP run id the task's pod has as environment (emu.pipeline.tasks.KFP_RUN_ENV).
+KFP_RUN_ENV = "KFP_RUN_ID"
 
 #: The KubeRay RayCluster the precompute task runs its RayJob on (pipeline.resources.precompute.ray_cluster).
 RAY_CLUSTER_ENV = "EMU_RAY_CLUSTER"
@@ -44,14 +48,21 @@ def precompute(config: Any, dataset: tuple[Path, str], model: tuple[Path, str], 
                                f"fetch it by")
     if config.latents and not str(config.decoder).startswith(("s3://", "md5:")):
         raise RuntimeError(f"precompute on RayCluster {cluster}: precompute.decoder ({config.decoder}) must be an "
-                           f"s3:// URI, which every Ray node can read")
+                           f"s3:// URI or an md5: reference, which every Ray node can read")
+    namespace = kube.own_namespace()
+    # The cache key says which code this task runs: the cluster must run that code too.
+    digest, image = os.environ.get(DIGEST_ENV, ""), rayjob.head_image(cluster, namespace)
+    if digest and digest not in image:
+        raise RuntimeError(f"RayCluster {namespace}/{cluster} runs the image {image}, not this task's ({digest}): "
+                           f"the precompute would run other code; deploy the cluster with the pipeline's image "
+                           f"(infra/image.ref, scripts/build-image)")
     job = PrecomputeJob(config=to_dict(config), dataset=dataset[1],
                         sources=[str(Path(s).relative_to(dataset[0])) for s in sources], model=model[1])
-    # The same inputs give the same prefix: a retried task's driver resumes from the parts its
-    # last attempt uploaded.
-    key = hashlib.sha256(job.to_json().encode()).hexdigest()[:16]
+    # Same run and inputs, same prefix: a retried task's driver resumes from the parts its last
+    # attempt uploaded; another run never shares (nor deletes) them.
+    key = hashlib.sha256((os.environ.get(KFP_RUN_ENV, "") + job.to_json()).encode()).hexdigest()[:16]
     job.out = f"{remote_prefix(f'precompute on RayCluster {cluster} writes')}/results/precompute-{key}"
-    body = rayjob.build(name=kube.job_name("precompute"), namespace=kube.own_namespace(), cluster=cluster,
+    body = rayjob.build(name=kube.job_name("precompute"), namespace=namespace, cluster=cluster,
                         entrypoint=remote_command(job))
     rayjob.run(body)
     fetch_result(job.out, out)

@@ -2,9 +2,10 @@
 (emu.precompute.remote) on a named RayCluster, and how it is followed to its end (emu.cluster.kube).
 
 With `clusterSelector` the RayJob runs on an existing RayCluster (infra/k8s/components/ray-cluster)
-instead of creating one: the GPU workers stay up between runs and autoscale, and no run waits for
-a cluster to start. KubeRay submits the entrypoint from a Kubernetes Job named like the RayJob
-(`ray job submit`, which follows the driver's log), so the task streams that Job's pod.
+instead of creating one: its GPU workers stay up between runs, and no run waits for a cluster to
+start. KubeRay submits the entrypoint from a Kubernetes Job named like the RayJob
+(`ray job submit`, then `ray job logs --follow`), so the task streams that Job's pod; the
+submitter exits 0 however the Ray job ends, so the outcome is read from the RayJob's status only.
 """
 
 from __future__ import annotations
@@ -37,16 +38,34 @@ KIND = kube.JobKind(kind="RayJob", group=GROUP, version=VERSION, plural=PLURAL,
                     pod_label="batch.kubernetes.io/job-name", container="ray-job-submitter", outcome=outcome)
 
 
-def build(*, name: str, namespace: str, cluster: str, entrypoint: list[str], deadline_s: int = 0) -> dict[str, Any]:
+def build(*, name: str, namespace: str, cluster: str, entrypoint: list[str]) -> dict[str, Any]:
     """The RayJob running `entrypoint` on the RayCluster `cluster` (checked against KubeRay's CRD
     in tests). No retries of its own (backoffLimit 0): the KFP task is what is retried, and the
-    driver resumes from the parts an earlier attempt uploaded."""
+    driver resumes from the parts an earlier attempt uploaded. No deadline either: the task pod's
+    timeout (pipeline.resources.precompute.timeout_s) deletes the pod, and with it the RayJob."""
     spec: dict[str, Any] = {"entrypoint": shlex.join(entrypoint), "clusterSelector": {"ray.io/cluster": cluster},
                             "submissionMode": "K8sJobMode", "backoffLimit": 0}
-    if deadline_s:
-        spec["activeDeadlineSeconds"] = deadline_s
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RayJob", "metadata": kube.metadata(name, namespace),
             "spec": spec}
+
+
+def head_image(cluster: str, namespace: str, client=None) -> str:
+    """The image of the RayCluster's head (the code a RayJob on it runs). KubeRay leaves a RayJob
+    whose cluster does not exist waiting in Initializing for ever, so a missing cluster is an
+    error here, before anything is created."""
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        obj = k8s.CustomObjectsApi(client or kube.api_client()).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "rayclusters", cluster)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise kube.JobFailed(f"RayCluster {namespace}/{cluster} does not exist (deploy infra/k8s/components/"
+                                 f"ray-cluster, or name another in pipeline.resources.precompute.ray_cluster)") from None
+        raise
+    containers = obj["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return next((c.get("image", "") for c in containers if c.get("name") == "ray-head"), containers[0].get("image", ""))
 
 
 def run(body: dict[str, Any], client=None, poll_s: float = 5.0, stream: TextIO | None = None,

@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,15 @@ class _Run:
 # ---- the stage ---------------------------------------------------------------------------------
 
 def run_precompute(data: list[Path], model: str, out: Path, config: PrecomputeConfig,
-                   shard_sources: Mapping[Path, str] | None = None) -> PrecomputeSummary:
+                   shard_sources: Mapping[Path, str] | None = None,
+                   on_part: Callable[[Path, Path], None] | None = None) -> PrecomputeSummary:
     """Encode every image of the datasets under `data` with the frozen encoder of `model` (a folder,
     an s3:// URI or an `md5:` reference, emu.precompute.sources) and write the parts under `out`.
     Re-running on the same `out` computes only the parts that are missing or stale (module
     docstring). `shard_sources` (shard path -> where workers read it): `data` holds the datasets'
-    metadata only, and every shard is read from its source (an object of the DVC remote)."""
+    metadata only, and every shard is read from its source (an object of the DVC remote).
+    `on_part(tensors, index)` is called after each part is committed (the driver of a RayJob
+    uploads it then, emu.precompute.remote)."""
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -135,7 +138,7 @@ def run_precompute(data: list[Path], model: str, out: Path, config: PrecomputeCo
         log.info("precompute: %d parts, %d up to date, %d to compute (%d actors, %g GPUs each)",
                  len(parts), len(kept), len(todo), actors, gpus)
         compute_started = time.perf_counter()
-        written, images_computed = _compute(todo, out, run, config, actors, gpus) if todo else ({}, 0)
+        written, images_computed = _compute(todo, out, run, config, actors, gpus, on_part) if todo else ({}, 0)
         compute_seconds = time.perf_counter() - compute_started
     finally:
         _stop_ray(ray_temp)
@@ -424,7 +427,7 @@ class EncoderActor:
 
 
 def _compute(todo: list[_Part], out: Path, run: _Run, config: PrecomputeConfig, actors: int,
-             gpus: float) -> tuple[dict[int, int], int]:
+             gpus: float, on_part: Callable[[Path, Path], None] | None) -> tuple[dict[int, int], int]:
     """Stream the stale shards through the actor pool; write their parts. Returns (id -> images
     of each part written, images encoded). Raises DatasetError for undecodable samples or images,
     after writing every part that had none (nothing already computed is lost)."""
@@ -453,7 +456,7 @@ def _compute(todo: list[_Part], out: Path, run: _Run, config: PrecomputeConfig, 
                                    "vae_sha256": run.latent["vae_sha256"]["float32"] if run.latent else ""})
         expected = [p.expected_images for p in todo]
         total = None if any(n is None for n in expected) else sum(expected)
-        writer = _PartWriter(out, {p.id: p for p in todo}, run)
+        writer = _PartWriter(out, {p.id: p for p in todo}, run, on_part)
         with tqdm(total=total, unit="img", desc="precompute", disable=None, mininterval=1.0) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
@@ -471,8 +474,9 @@ def _compute(todo: list[_Part], out: Path, run: _Run, config: PrecomputeConfig, 
 class _PartWriter:
     """Collects the (in-order) rows of one part at a time and writes it when complete."""
 
-    def __init__(self, out: Path, parts: dict[int, _Part], run: _Run):
-        self.out, self.parts, self.run = out, parts, run
+    def __init__(self, out: Path, parts: dict[int, _Part], run: _Run,
+                 on_part: Callable[[Path, Path], None] | None = None):
+        self.out, self.parts, self.run, self.on_part = out, parts, run, on_part
         self.dtype = getattr(torch, run.dtype)
         self.current: int | None = None
         self.rows: list[dict[str, Any]] = []
@@ -549,6 +553,8 @@ class _PartWriter:
                  "dtype": self.run.dtype, "fingerprints": self.run.spec.to_json(), "addresses_sha256": digest,
                  "images": len(self.rows), "rows": self.rows}
         atomic_write(index_path, json.dumps(index, separators=(",", ":")).encode("utf-8"))
+        if self.on_part is not None:
+            self.on_part(tensors_path, index_path)
 
 
 def _write_summary(out: Path, config: PrecomputeConfig, run: _Run, datasets, parts: list[_Part],

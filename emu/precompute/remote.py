@@ -7,9 +7,10 @@ platform's settings (EMU_DVC_REMOTE, the S3 credentials) that every pod of the R
     driver; the shards are not: each Ray task reads its shard's object straight from the DVC
     remote (emu.precompute.sources), so no node ever holds a copy of the dataset;
   * the model: `md5:<model md5>`, pulled once by the driver and once per worker node;
-  * the parts: written by the driver into a local folder mirroring `out` (s3://). A retried job
-    first fetches what an earlier attempt uploaded, so its finished parts are kept (the stage's
-    own up-to-date check), and everything is uploaded when the run ends, failed or not.
+  * the parts: written by the driver into a local folder mirroring `out` (s3://), each uploaded
+    as soon as it is committed; the config and the summary when the run ends (the summary only
+    when it finished). A retried job first fetches what an earlier attempt uploaded, so its
+    finished parts are kept (the stage's own up-to-date check).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -50,7 +53,7 @@ class PrecomputeJob:
 def run(job: PrecomputeJob, workdir: Path):
     """Precompute the job's data on the Ray cluster this driver runs in; returns its summary."""
     from emu.artifacts.dvc import ArtifactStore
-    from emu.artifacts.s3 import delete_object, download_prefix, has_objects, upload_folder
+    from emu.artifacts.s3 import delete_object, download_prefix, has_objects, upload_file
     from emu.config import from_dict
     from emu.precompute.config import PrecomputeConfig
     from emu.precompute.job import run_precompute
@@ -62,15 +65,25 @@ def run(job: PrecomputeJob, workdir: Path):
         job.dataset, metadata, wanted=lambda relpath: not relpath.endswith(".tar"))
     shards = {metadata / f.relpath: f.uri for f in files if f.relpath.endswith(".tar")}
     out = workdir / "out"
-    if has_objects(job.out):
-        download_prefix(job.out, out)
-        delete_object(f"{job.out.rstrip('/')}/{SUMMARY_FILE}")  # written again only if this attempt finishes
+    prefix = job.out.rstrip("/")
+    if has_objects(prefix):
+        download_prefix(prefix, out)
+        delete_object(f"{prefix}/{SUMMARY_FILE}")  # written again only if this attempt finishes
+
+    def upload_part(tensors: Path, index: Path) -> None:
+        # As each part is committed, so a driver that is killed (its task pod deleted, the head
+        # lost) leaves every finished part for the retry; the index, the part's commit marker, last.
+        for path in (tensors, index):
+            upload_file(path, f"{prefix}/{path.relative_to(out).as_posix()}")
+
     try:
-        return run_precompute([metadata / s for s in job.sources], model_reference(job.model), out,
-                              config, shard_sources=shards)
+        return run_precompute([metadata / s for s in job.sources], model_reference(job.model), out, config,
+                              shard_sources=shards, on_part=upload_part)
     finally:
-        if out.is_dir() and any(out.iterdir()):
-            upload_folder(out, job.out)
+        # The config and, when the run finished, precompute.json (the parts are up already).
+        for path in sorted(out.glob("*")) if out.is_dir() else []:
+            if path.is_file() and not path.name.startswith(".emu-s3"):
+                upload_file(path, f"{prefix}/{path.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     job = PrecomputeJob.from_json(args.job)
     digest = hashlib.sha256(args.job.encode()).hexdigest()[:16]
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / f"emu-precompute-{digest}")
+    # KubeRay stops a driver with SIGTERM (its RayJob deleted with the task's pod): end through
+    # the `finally` clauses, which upload what this attempt finished.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         summary = run(job, workdir)
     except EmuError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.describe(), flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # everything is in S3; the head's disk is shared by every run
     return 0
 
 

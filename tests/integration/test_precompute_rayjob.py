@@ -81,6 +81,9 @@ def test_precompute_task_runs_as_a_rayjob_reading_shards_from_s3(world, init_mod
             first = tmp_path / "embeddings"
             ray_launch.precompute(config, (world, dataset_md5), (init_model, model_md5), sources, first, in_process)
             log = capfd.readouterr().out
+            # The driver cleans the head's disk after a finished run, so the retry below starts
+            # from S3 alone, as on another node.
+            assert not list((head / "tmp").glob("emu-precompute-*"))
             # A retried task: same inputs, same result prefix; the driver keeps every uploaded part.
             again = tmp_path / "embeddings-again"
             ray_launch.precompute(config, (world, dataset_md5), (init_model, model_md5), sources, again, in_process)
@@ -90,7 +93,7 @@ def test_precompute_task_runs_as_a_rayjob_reading_shards_from_s3(world, init_mod
     assert api.created[0]["metadata"]["namespace"] == "emu" and api.deleted == [name, api.created[1]["metadata"]["name"]]
     assert str(world) not in api.created[0]["spec"]["entrypoint"], "the job names its inputs by md5, not by path"
     assert f"RayJob emu/{name}: created (on RayCluster emu-ray)" in log and f"RayJob emu/{name}: complete" in log
-    assert any(line.startswith(f"[{name}-submit] precompute: ") and "computed" in line for line in log.splitlines()), log
+    assert any(line.startswith(f"[{name}-x7k2p] precompute: ") and "computed" in line for line in log.splitlines()), log
     assert store.md5(first) == store.md5(reference), "the RayJob's parts differ from precompute in process"
     assert sorted(p.relative_to(first) for p in first.rglob("*")) == sorted(p.relative_to(reference)
                                                                           for p in reference.rglob("*"))

@@ -62,25 +62,41 @@ def test_outcome_reads_kuberays_two_statuses(status, ended):
     assert rayjob.outcome({"status": status}) == ended
 
 
-def test_a_rayjob_on_a_missing_cluster_fails_the_task_with_kuberays_reason(monkeypatch, tmp_path):
-    body = _body(monkeypatch, cluster="no-such-cluster")
+def test_a_missing_cluster_fails_the_task_before_any_rayjob_exists(monkeypatch, tmp_path):
+    """KubeRay would leave such a RayJob Initializing for ever: the task checks first."""
     with KubeRayAPI(env={}, cwd=tmp_path) as api, pytest.raises(kube.JobFailed) as failed:
-        rayjob.run(body, client=_client(api), poll_s=0.05, stream=io.StringIO())
-    name = body["metadata"]["name"]
-    assert str(failed.value) == f"RayJob team-a/{name} failed: ValidationFailed: RayCluster no-such-cluster not found"
-    assert api.deleted == [name]
+        rayjob.head_image("no-such-cluster", "team-a", client=_client(api))
+    assert str(failed.value).startswith("RayCluster team-a/no-such-cluster does not exist (deploy infra/k8s/")
+    assert api.created == []
 
 
-def test_a_failing_driver_fails_the_task_with_its_exit_code_and_its_log_streamed(monkeypatch, tmp_path):
+def test_the_task_refuses_a_cluster_running_another_image(monkeypatch, tmp_path):
+    from emu.cluster import ray_launch
+
+    digest = "sha256:" + "1" * 64
+    monkeypatch.setenv("EMU_IMAGE_DIGEST", digest)
+    monkeypatch.setenv(ray_launch.RAY_CLUSTER_ENV, "emu-ray")
+    monkeypatch.setenv("POD_NAMESPACE", "emu")
+    with KubeRayAPI(env={}, cwd=tmp_path, image="reg.example/emu@sha256:" + "2" * 64) as api:
+        monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
+        with pytest.raises(RuntimeError, match=r"RayCluster emu/emu-ray runs the image reg.example/emu@sha256:2+, "
+                                               r"not this task's \(sha256:1+\)"):
+            ray_launch.precompute(resolve(PrecomputeConfig, "precompute", "tiny"), (tmp_path, "a" * 32 + ".dir"),
+                                  (tmp_path / "m", "b" * 32 + ".dir"), [tmp_path / "img2dataset"], tmp_path / "out",
+                                  in_process=lambda: pytest.fail("ran in process"))
+    assert api.created == []
+
+
+def test_a_failing_driver_fails_the_task_with_kuberays_reason_and_its_log_streamed(monkeypatch, tmp_path):
     body = _body(monkeypatch)
     body["spec"]["entrypoint"] = "echo reading shards; echo 'error: shard broken' >&2; exit 3"
     out = io.StringIO()
     with KubeRayAPI(env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path) as api, pytest.raises(kube.JobFailed) as failed:
         rayjob.run(body, client=_client(api), poll_s=0.05, stream=out)
     name = body["metadata"]["name"]
-    assert str(failed.value) == (f"RayJob team-a/{name} failed: AppFailed: job entrypoint exited 3: Ray job FAILED; "
-                                 f"{name}-submit exited 3 (Error)")
-    assert f"[{name}-submit] error: shard broken" in out.getvalue().splitlines()
+    assert str(failed.value) == f"RayJob team-a/{name} failed: AppFailed: job entrypoint exited 3: Ray job FAILED"
+    assert f"[{name}-x7k2p] error: shard broken" in out.getvalue().splitlines()
+    assert api.deleted == [name]
 
 
 def test_only_precompute_runs_on_a_ray_cluster():
