@@ -161,8 +161,10 @@ class KubeRayAPI:
     """RayJobs (ray.io/v1) on the RayClusters `clusters`; their entrypoints run with `env` in `cwd`."""
 
     def __init__(self, env: dict[str, str], cwd: Path, clusters: tuple[str, ...] = ("emu-ray",),
-                 image: str = "emu") -> None:
+                 image: str = "emu", unavailable: int = 0) -> None:
         self.env, self.cwd, self.clusters, self.image = env, Path(cwd), clusters, image
+        #: GETs of a RayJob answered 503 first (an API server restarting)
+        self.unavailable = unavailable
         self.created: list[dict] = []
         self.deleted: list[str] = []
         self._runs: dict[str, tuple[subprocess.Popen, Path]] = {}
@@ -266,6 +268,9 @@ class KubeRayAPI:
                                             "spec": {"headGroupSpec": {"template": {"spec": {"containers": [head]}}}}})
                 if parts[:2] == ["apis", "ray.io"]:
                     job = self._job(parts[-1])
+                    if api.unavailable:
+                        api.unavailable -= 1
+                        return self._send(503, {"kind": "Status", "code": 503, "reason": "ServiceUnavailable"})
                     if job is None:
                         return self._send(404, {"kind": "Status", "code": 404})
                     return self._send(200, {**job, "status": api._status(job)})

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+#: Consecutive failed looks at a job (waiting poll_s, 2 x poll_s, ... between them) before the task gives up.
+_API_RETRIES = 10
 
 
 class JobFailed(RuntimeError):
@@ -94,10 +96,23 @@ def run(kind: JobKind, body: dict[str, Any], note: str = "", client=None, poll_s
     selector = f"{kind.pod_label}={name}"
     followers: dict[str, threading.Thread] = {}
     lock = threading.Lock()
+    failures = 0
     try:
         while True:
-            obj = custom.get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, name)
-            for pod in core.list_namespaced_pod(namespace, label_selector=selector).items:
+            try:
+                obj = custom.get_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, name)
+                pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+                failures = 0
+            except Exception as exc:  # an API server restart must not end (and delete) a week-long job
+                failures += 1
+                if failures > _API_RETRIES or getattr(exc, "status", 500) in (401, 403, 404):
+                    raise
+                reason = " ".join(str(exc).split())[:300]
+                print(f"{label}: API call failed ({type(exc).__name__}: {reason}); retry {failures} of {_API_RETRIES}",
+                      file=stream, flush=True)
+                time.sleep(poll_s * failures)
+                continue
+            for pod in pods:
                 if pod.metadata.name not in followers and pod.status.phase in ("Running", "Succeeded", "Failed"):
                     followers[pod.metadata.name] = thread = threading.Thread(
                         target=_follow, args=(core, namespace, pod.metadata.name, kind.container, stream, lock),

@@ -99,6 +99,20 @@ def test_a_failing_driver_fails_the_task_with_kuberays_reason_and_its_log_stream
     assert api.deleted == [name]
 
 
+def test_an_unavailable_api_server_is_waited_out_not_fatal(monkeypatch, tmp_path):
+    body = _body(monkeypatch)
+    body["spec"]["entrypoint"] = "echo encoded 12 images"
+    out = io.StringIO()
+    with KubeRayAPI(env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, unavailable=2) as api:
+        final = rayjob.run(body, client=_client(api), poll_s=0.05, stream=out)
+    name = body["metadata"]["name"]
+    assert final["status"]["jobStatus"] == "SUCCEEDED"
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith(f"RayJob team-a/{name}: API call failed (ApiException") and line.endswith("retry 2 of 10")
+               for line in lines), lines
+    assert f"[{name}-x7k2p] encoded 12 images" in lines and lines[-1] == f"RayJob team-a/{name}: complete"
+
+
 def test_only_precompute_runs_on_a_ray_cluster():
     assert PipelineConfig(resources={"precompute": StageResources(ray_cluster="emu-ray")})
     with pytest.raises(ConfigError, match=r"pipeline.resources.stage2.ray_cluster: only precompute"):
