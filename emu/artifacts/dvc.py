@@ -305,17 +305,22 @@ class ArtifactStore:
                 os.replace(tmp, target)
         return files
 
-    def pull_cached(self, md5: str, cache: str | os.PathLike[str]) -> Path:
+    def pull_cached(self, md5: str, cache: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> Path:
         """`cache/<md5>`, pulled once per machine: concurrent callers (a node's ranks, a Ray
-        node's actors) wait on one lock, and a copy that is complete is used as it is."""
+        node's actors) wait on one lock, and a copy that is complete is used as it is. `skip`:
+        folders of the artifact not to pull (`lm/`: an encoder never reads the 33B LM)."""
         check_md5(md5)
         cache = Path(cache).expanduser().absolute()
         cache.mkdir(parents=True, exist_ok=True)
-        dest, done = cache / md5, cache / f"{md5}.complete"
-        with _locked(cache / f"{md5}.lock"):
+        name = md5 + "".join(f"-without-{folder.strip('/')}" for folder in skip)
+        dest, done = cache / name, cache / f"{name}.complete"
+        with _locked(cache / f"{name}.lock"):
             if not done.exists():
                 shutil.rmtree(dest, ignore_errors=True)
-                self.pull(md5, dest, None if md5.endswith(".dir") else "file")
+                if skip:
+                    self.pull_files(md5, dest, wanted=lambda relpath: not relpath.startswith(skip))
+                else:
+                    self.pull(md5, dest, None if md5.endswith(".dir") else "file")
                 done.touch()
         return dest
 

@@ -6,7 +6,7 @@ platform's settings (EMU_DVC_REMOTE, the S3 credentials) that every pod of the R
   * the dataset: only its metadata (dataset.json, the per-shard manifests) is pulled to the
     driver; the shards are not: each Ray task reads its shard's object straight from the DVC
     remote (emu.precompute.sources), so no node ever holds a copy of the dataset;
-  * the model: `md5:<model md5>`, pulled once by the driver and once per worker node;
+  * the model: `md5:<model md5>`, pulled (all but its LM) once by the driver and once per worker node;
   * the parts: written by the driver into a local folder mirroring `out` (s3://), each uploaded
     as soon as it is committed; the config and the summary when the run ends (the summary only
     when it finished). A retried job first fetches what an earlier attempt uploaded, so its

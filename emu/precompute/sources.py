@@ -26,14 +26,17 @@ def model_reference(md5: str, inside: str = "") -> str:
 
 def local_model(reference: str) -> str:
     """A folder (or s3:// URI) load_encoder reads: `md5:` references are pulled from the DVC
-    remote ($EMU_DVC_REMOTE) into this machine's cache once (emu.artifacts.dvc.pull_cached)."""
+    remote ($EMU_DVC_REMOTE) into this machine's cache once (emu.artifacts.dvc.pull_cached), all
+    but the LM."""
     if not reference.startswith(MD5_PREFIX):
         return reference
     from emu.artifacts.dvc import ArtifactStore
     from emu.artifacts.s3 import default_cache_dir
 
     md5, _, inside = reference[len(MD5_PREFIX):].partition("/")
-    folder = ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).pull_cached(md5, default_cache_dir() / "dvc")
+    # Without the LM (`lm/` of an Emu model folder): precompute reads the encoder only.
+    folder = ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None).pull_cached(
+        md5, default_cache_dir() / "dvc", skip=("lm/",))
     return str(folder / inside) if inside else str(folder)
 
 

@@ -98,6 +98,8 @@ def test_precompute_task_runs_as_a_rayjob_reading_shards_from_s3(world, init_mod
     assert sorted(p.relative_to(first) for p in first.rglob("*")) == sorted(p.relative_to(reference)
                                                                           for p in reference.rglob("*"))
     assert not list(head.rglob("*.tar")), "the driver copied shards; workers must read them from the remote"
+    pulled = list((head / "cache").rglob("model.safetensors"))
+    assert pulled and not list((head / "cache").rglob("lm")), "the nodes pull the encoder, never the LM"
     assert "computed 0 images (0 parts)" in retry_log, retry_log
     assert store.md5(again) == store.md5(reference)
 
