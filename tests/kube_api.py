@@ -81,32 +81,17 @@ class KubeAPI:
     def _handler(self):
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # quiet test output
-                pass
-
-            _send = _send_json
-
-            def _job(self, name: str) -> dict | None:
-                return next((j for j in api.created if j["metadata"]["name"] == name), None)
+        class Handler(_JobHandler):
+            fake, api_prefix, plural = api, ["apis", "trainer.kubeflow.org", "v1alpha1"], "trainjobs"
 
             def do_POST(self) -> None:
-                parts = urlparse(self.path).path.strip("/").split("/")
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if parts[:3] != ["apis", "trainer.kubeflow.org", "v1alpha1"] or parts[-1] != "trainjobs":
-                    return self._send(404, {"kind": "Status", "code": 404})
-                problems = k8s_schema.problems(body)
-                if problems:
-                    return self._send(422, {"kind": "Status", "code": 422, "message": "; ".join(problems)})
+                body = self._created()
+                if body is None:
+                    return None
                 body.setdefault("status", {})
                 with api._lock:
                     api.created.append(body)
                 self._send(201, body)
-
-            def do_DELETE(self) -> None:
-                name = urlparse(self.path).path.rstrip("/").split("/")[-1]
-                api.deleted.append(name)
-                self._send(200, {"kind": "Status", "status": "Success"})
 
             def do_GET(self) -> None:
                 url = urlparse(self.path)
@@ -148,13 +133,44 @@ class KubeAPI:
         return Handler
 
 
-def _send_json(handler: BaseHTTPRequestHandler, code: int, body) -> None:
-    data = json.dumps(body).encode()
-    handler.send_response(code)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
+class _JobHandler(BaseHTTPRequestHandler):
+    """What both fakes answer alike: JSON replies, the created job by name, a POST checked against
+    the CRD (404 for another resource, 422 with the schema's problems), a DELETE recorded."""
+
+    fake: KubeAPI | KubeRayAPI
+    api_prefix: list[str]
+    plural: str
+
+    def log_message(self, *args) -> None:  # quiet test output
+        pass
+
+    def _send(self, code: int, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _job(self, name: str) -> dict | None:
+        return next((j for j in self.fake.created if j["metadata"]["name"] == name), None)
+
+    def _created(self) -> dict | None:
+        """The POSTed job when it is one of ours and valid, else None (the error already sent)."""
+        parts = urlparse(self.path).path.strip("/").split("/")
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if parts[:3] != self.api_prefix or parts[-1] != self.plural:
+            self._send(404, {"kind": "Status", "code": 404})
+            return None
+        problems = k8s_schema.problems(body)
+        if problems:
+            self._send(422, {"kind": "Status", "code": 422, "message": "; ".join(problems)})
+            return None
+        return body
+
+    def do_DELETE(self) -> None:
+        self.fake.deleted.append(urlparse(self.path).path.rstrip("/").split("/")[-1])
+        self._send(200, {"kind": "Status", "status": "Success"})
 
 
 class KubeRayAPI:
@@ -229,32 +245,17 @@ class KubeRayAPI:
     def _handler(self):
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
-            _send = _send_json
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _job(self, name: str) -> dict | None:
-                return next((j for j in api.created if j["metadata"]["name"] == name), None)
+        class Handler(_JobHandler):
+            fake, api_prefix, plural = api, ["apis", "ray.io", "v1"], "rayjobs"
 
             def do_POST(self) -> None:
-                parts = urlparse(self.path).path.strip("/").split("/")
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if parts[:3] != ["apis", "ray.io", "v1"] or parts[-1] != "rayjobs":
-                    return self._send(404, {"kind": "Status", "code": 404})
-                problems = k8s_schema.problems(body)
-                if problems:
-                    return self._send(422, {"kind": "Status", "code": 422, "message": "; ".join(problems)})
+                body = self._created()
+                if body is None:
+                    return None
                 api.created.append(body)
                 if body["spec"]["clusterSelector"]["ray.io/cluster"] in api.clusters:
                     api._start(body)
                 self._send(201, body)
-
-            def do_DELETE(self) -> None:
-                name = urlparse(self.path).path.rstrip("/").split("/")[-1]
-                api.deleted.append(name)
-                self._send(200, {"kind": "Status", "status": "Success"})
 
             def do_GET(self) -> None:
                 url = urlparse(self.path)
