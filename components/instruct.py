@@ -1,16 +1,14 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Metrics, Model, Output
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def instruct(dataset: Input[Dataset], dataset_md5: str, init: Input[Model], init_md5: str,
-             embeddings: Input[Dataset], embeddings_md5: str, preset: str, config: str, code_version: str,
+def instruct(dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str, code_version: str,
              model: Output[Model], metrics: Output[Metrics]) -> str:
     """Instruction tuning (emu.train.stages.instruct)."""
     from emu.pipeline.tasks import instruct_task
 
-    return instruct_task(dataset=dataset.path, dataset_md5=dataset_md5, init=init.path, init_md5=init_md5,
-                         embeddings=embeddings.path, embeddings_md5=embeddings_md5, preset=preset, config=config,
-                         model=model, metrics=metrics)
+    return instruct_task(dataset_md5=dataset_md5, init_md5=init_md5, embeddings_md5=embeddings_md5, preset=preset,
+                         config=config, model=model, metrics=metrics)

@@ -1,12 +1,11 @@
 from kfp import dsl
-from kfp.dsl import Input, Metrics, Model
+from kfp.dsl import Input, Metrics
 
 from components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(model: Input[Model], model_md5: str, decoder: Input[Model], decoder_md5: str,
-             evaluation: Input[Metrics], code_version: str, production: str) -> str:
+def register(model_md5: str, decoder_md5: str, evaluation: Input[Metrics], code_version: str, production: str) -> str:
     """Promote the evaluated model (and its decoder) to production in the registry."""
     from emu.pipeline.tasks import register_task
 

@@ -3,8 +3,12 @@
     prepare ─► validate ─► stage1 ─► precompute ─┬─► stage2 ─► instruct ─┐
                                                  └─► decoder ────────────┴─► evaluate ─► register (gate passed)
 
+Tasks hand each other DVC md5s, never KFP artifacts (emu.pipeline.handoff): each pulls its inputs
+from the DVC remote by md5, so the cache keys on content.
+
 Parameters: `preset` (configs/<name>.yaml), `source` (shard datasets to train on: a folder, an
-s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5`, each
+s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5` (empty when
+`prepare` reads the source at run time: `build_pipeline`), each
 stage's code version (`<stage>_code_version`: emu.pipeline.code_version, so a change re-runs only
 the stages whose code it touches), the registry's production model at submission (`production`:
 evaluate's gate and register compare with it, so a promotion in between is never answered from a
@@ -42,8 +46,12 @@ TRAINING = ("stage1", "stage2", "decoder", "instruct")
 SETTINGS = ("EMU_LINEAGE_URL", "EMU_DVC_REMOTE", "EMU_CHECKPOINT_REMOTE", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
-def build_pipeline(config: PipelineConfig):
-    """The pipeline function, with `config`'s resources applied to its tasks."""
+def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False):
+    """The pipeline function, with `config`'s resources applied to its tasks. With
+    `source_read_at_run`, `prepare` is never served from the cache: it reads its source (a folder
+    or s3:// prefix whose content may change) whenever the run starts, so a KFP recurring run,
+    whose parameters are fixed when it is created, trains on the data there at each firing; the
+    same data gives the same md5, and every later task is served from the cache."""
 
     @dsl.pipeline(name=NAME, description="Emu2-style training: validate, pretrain (2 stages), precompute, "
                                          "decoder, instruction tuning, evaluation, registration.")
@@ -57,35 +65,33 @@ def build_pipeline(config: PipelineConfig):
         common = {"preset": preset}
         prepare = _configure(prepare_component(source=source, source_md5=source_md5, synth_config=synth_config,
                                                import_config=import_config, code_version=prepare_code_version,
-                                               **common), "prepare", config)
-        data = {"dataset": prepare.outputs["dataset"], "dataset_md5": prepare.outputs["Output"]}
+                                               **common), "prepare", config, cached=not source_read_at_run)
+        data = {"dataset_md5": prepare.outputs["Output"]}
         validate = _configure(validate_component(config=validate_config, code_version=validate_code_version,
                                                  **data, **common), "validate", config)
         stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config,
                                              code_version=stage1_code_version, **data, **common),
                             "stage1", config).after(validate)
-        precompute = _configure(precompute_component(model=stage1.outputs["model"], model_md5=stage1.outputs["Output"],
-                                                     config=precompute_config, code_version=precompute_code_version,
-                                                     **data, **common), "precompute", config)
-        embeddings = {"embeddings": precompute.outputs["embeddings"], "embeddings_md5": precompute.outputs["Output"]}
-        stage2 = _configure(stage2_component(init=stage1.outputs["model"], init_md5=stage1.outputs["Output"],
+        precompute = _configure(precompute_component(model_md5=stage1.outputs["Output"], config=precompute_config,
+                                                     code_version=precompute_code_version, **data, **common),
+                                "precompute", config)
+        embeddings = {"embeddings_md5": precompute.outputs["Output"]}
+        stage2 = _configure(stage2_component(init_md5=stage1.outputs["Output"],
                                              config=stage2_config, code_version=stage2_code_version, **embeddings,
                                              **data, **common), "stage2", config)
-        decoder = _configure(decoder_component(encoder=stage1.outputs["model"], encoder_md5=stage1.outputs["Output"],
+        decoder = _configure(decoder_component(encoder_md5=stage1.outputs["Output"],
                                                config=decoder_config, decoder_config=visual_decoder_config,
                                                code_version=decoder_code_version, **data, **common), "decoder", config)
-        instruct = _configure(instruct_component(init=stage2.outputs["model"], init_md5=stage2.outputs["Output"],
+        instruct = _configure(instruct_component(init_md5=stage2.outputs["Output"],
                                                  config=instruct_config, code_version=instruct_code_version,
                                                  **embeddings, **data, **common),
                               "instruct", config)
-        evaluate = _configure(evaluate_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
-                                                 decoder=decoder.outputs["decoder"],
+        evaluate = _configure(evaluate_component(model_md5=instruct.outputs["Output"],
                                                  decoder_md5=decoder.outputs["Output"], config=evaluate_config,
                                                  code_version=evaluate_code_version, production=production, **data,
                                                  **common), "evaluate", config)
         with dsl.If(evaluate.outputs["Output"] == "true", name="gate-passed"):
-            _configure(register_component(model=instruct.outputs["model"], model_md5=instruct.outputs["Output"],
-                                          decoder=decoder.outputs["decoder"], decoder_md5=decoder.outputs["Output"],
+            _configure(register_component(model_md5=instruct.outputs["Output"], decoder_md5=decoder.outputs["Output"],
                                           evaluation=evaluate.outputs["metrics"],
                                           code_version=register_code_version, production=production),
                        "register", config)
@@ -93,13 +99,13 @@ def build_pipeline(config: PipelineConfig):
     return emu
 
 
-def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig) -> dsl.PipelineTask:
+def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig, cached: bool = True) -> dsl.PipelineTask:
     """Cluster settings of one task: its image, resources, the GPU node pool, /dev/shm, retries and
     timeout, S3 and database credentials from Secrets and the platform settings as environment, and
     for training tasks their layout (EMU_LAUNCH: processes per node, nodes, the TrainJob's image),
     for precompute the RayCluster it runs on (EMU_RAY_CLUSTER)."""
     task.set_display_name(stage)
-    task.set_caching_options(enable_caching=True)
+    task.set_caching_options(enable_caching=cached)
     image = image_reference(config.image)
     task.set_container_image(image)
     if digest_of(image):

@@ -87,8 +87,10 @@ class RunOutcome:
     stopped_by: int | None = None         # the signal that stopped `emu run`, if one did
 
 
-def parameters(request: RunRequest) -> dict[str, str]:
-    """The pipeline's arguments: every stage config resolved, the data md5, the code version."""
+def parameters(request: RunRequest, hash_source: bool = True) -> dict[str, str]:
+    """The pipeline's arguments: every stage config resolved, the data md5, the code version.
+    Without `hash_source`, a folder or s3:// source is checked, not hashed (`source_md5` is
+    empty): `prepare` reads it when the run starts (`source_read_at_run`)."""
     from emu.sections import SECTIONS
 
     by_section: dict[str, list[str]] = {}
@@ -105,7 +107,8 @@ def parameters(request: RunRequest) -> dict[str, str]:
     from emu.pipeline.code_version import stage_code_versions
     from emu.pipeline.tasks import production_reference
 
-    values = {"preset": request.preset, "source": request.source, "source_md5": source_md5(request.source),
+    values = {"preset": request.preset, "source": request.source,
+              "source_md5": source_md5(request.source, hash_location=hash_source),
               "production": production_reference(LineageStore(os.environ.get("EMU_LINEAGE_URL") or None)),
               **{f"{stage}_code_version": version for stage, version in stage_code_versions().items()}}
     for name, section in CONFIG_PARAMETERS.items():
@@ -141,22 +144,35 @@ def run_code_version(args: dict[str, str]) -> str:
     return combined(stage_versions(args))
 
 
-def source_md5(source: str) -> str:
+def source_md5(source: str, hash_location: bool = True) -> str:
     """The DVC md5 of the training data ("" for the synthetic world, whose content the synth
     config fixes). A DVC md5 must be in the remote, a path must exist: refused before anything
-    starts, not by the first task."""
+    starts, not by the first task. Without `hash_location`, a folder or s3:// prefix is only
+    checked to hold something ("" returned): hashing an s3:// prefix downloads all of it here."""
     if not source:
         return ""
     from emu.artifacts.dvc import ArtifactStore
 
     store = ArtifactStore(os.environ.get("EMU_DVC_REMOTE") or None)
-    if re.fullmatch(r"[0-9a-f]{32}(\.dir)?", source):
+    if not source_read_at_run(source):
         if not store.exists(source):
             raise ConfigError(f"--data {source}: no artifact with this DVC md5 in the remote {store!r}")
         return source
-    from emu.artifacts.s3 import resolve_local
+    from emu.artifacts.s3 import has_objects, resolve_local
 
-    return store.md5(resolve_local(source))
+    if hash_location:
+        return store.md5(resolve_local(source))
+    if source.lower().startswith("s3:") and not has_objects(source):
+        raise ConfigError(f"--data {source}: nothing is stored under this prefix")
+    if not source.lower().startswith("s3:"):
+        resolve_local(source)  # ConfigError naming a missing folder
+    return ""
+
+
+def source_read_at_run(source: str) -> bool:
+    """Whether `source` is a location (a folder or s3:// prefix) whose content may change between
+    runs, rather than content fixed by the run's parameters (a DVC md5, or the synthetic world)."""
+    return bool(source) and not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", source)
 
 
 def check_remote() -> None:
@@ -516,8 +532,9 @@ def evaluation_of(store, run_id: str) -> dict[str, float]:
 
 # ---- cluster runs -------------------------------------------------------------------------------
 
-def compile_pipeline(preset: str, out: Path, overrides: list[str] = ()) -> Path:
-    """Write the pipeline YAML for a cluster, with `preset`'s resources applied."""
+def compile_pipeline(preset: str, out: Path, overrides: list[str] = (), source_read_at_run: bool = False) -> Path:
+    """Write the pipeline YAML for a cluster, with `preset`'s resources applied; with
+    `source_read_at_run`, its `prepare` reads the source whenever a run starts (never cached)."""
     from kfp import compiler
 
     from pipelines.emu_pipeline import build_pipeline
@@ -525,18 +542,22 @@ def compile_pipeline(preset: str, out: Path, overrides: list[str] = ()) -> Path:
     config = pipeline_config(RunRequest(preset=preset, overrides=list(overrides)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config), str(out))
+    compiler.Compiler().compile(build_pipeline(config, source_read_at_run=source_read_at_run), str(out))
     return out
 
 
 def submit(request: RunRequest, package: Path | None = None) -> str:
-    """Submit the compiled pipeline to the KFP endpoint `request.host`; returns the KFP run id."""
+    """Submit the compiled pipeline to the KFP endpoint `request.host`; returns the KFP run id. A
+    folder or s3:// source is read by the run's `prepare`, not hashed here (which would download
+    all of it to this machine)."""
     import kfp
 
     from emu.lineage.store import LineageStore
 
-    args = parameters(request)
-    package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides)
+    read_at_run = source_read_at_run(request.source)
+    args = parameters(request, hash_source=not read_at_run)
+    package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides,
+                                          source_read_at_run=read_at_run)
     from emu.cluster.image import digest_of, image_reference
 
     config = pipeline_config(request)

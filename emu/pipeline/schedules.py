@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from emu.errors import EmuError
@@ -146,21 +147,37 @@ def _client(host: str):
 def _create_recurring_run(*, cron: str, name: str, host: str, preset: str, data: str, overrides: list[str]) -> dict:
     """A KFP recurring run of the compiled pipeline: 6-field cron, max concurrency 1, no catch-up."""
     from emu.lineage.cron import parse_cron
-    from emu.pipeline.runner import RunRequest, compile_pipeline, emu_home, parameters
 
     fields = cron.split()
     if len(fields) == 5:  # KFP's cron has a leading seconds field
         cron = "0 " + cron
     parse_cron(cron)
-    request = RunRequest(preset=preset, source=data, overrides=overrides, host=host, trigger="schedule")
-    package = compile_pipeline(preset, emu_home() / "emu_pipeline.yaml", overrides)
+    package, args = recurring_run_package(preset, data, overrides)
     client = _client(host)
     try:
         experiment = client.create_experiment(name="emu")
         job = client.create_recurring_run(experiment_id=experiment.experiment_id, job_name=name or f"emu-{preset}",
                                           cron_expression=cron, max_concurrency=1, no_catchup=True,
-                                          pipeline_package_path=str(package), params=parameters(request),
-                                          enable_caching=True)
+                                          pipeline_package_path=str(package), params=args, enable_caching=True)
     except Exception as exc:
         raise EmuError(f"cannot create a recurring run on {host}: {type(exc).__name__}: {exc}") from None
     return {"id": job.recurring_run_id, "name": job.display_name, "cron": cron, "next": "set by KFP"}
+
+
+def recurring_run_package(preset: str, data: str, overrides: list[str]) -> tuple[Path, dict[str, str]]:
+    """The pipeline package and the arguments a KFP recurring run is created with.
+
+    KFP fixes both now, for every firing. So a folder or s3:// source is read by `prepare` at each
+    firing (never cached) instead of being hashed once here: new data there gives a new md5 and
+    retrains; the same data gives the same md5, and every task after `prepare` is served from the
+    cache (tasks take md5s: emu.pipeline.handoff). The code is the pinned image's for the
+    schedule's life (its code versions are computed now): a schedule picks up new code when it is
+    created again with the new image."""
+    from emu.pipeline.runner import RunRequest, compile_pipeline, emu_home, parameters, source_read_at_run
+
+    read_at_run = source_read_at_run(data)
+    request = RunRequest(preset=preset, source=data, overrides=overrides, trigger="schedule")
+    args = parameters(request, hash_source=not read_at_run)
+    package = compile_pipeline(preset, emu_home() / "emu_recurring_pipeline.yaml", overrides,
+                               source_read_at_run=read_at_run)
+    return package, args

@@ -5,11 +5,12 @@ calls the stage function of emu.train / emu.precompute / emu.validate / emu.eval
 around it:
   * records a stage execution in the lineage store (run from $EMU_RUN_ID), with its resolved
     config, host, status and error;
-  * links its inputs (their DVC md5 travels in the KFP artifact metadata) and content-addresses
-    its outputs into the DVC remote (emu.artifacts.dvc), linking them too;
-  * stamps each output artifact's metadata with its md5, size and execution id, so a later run
-    served from KFP's cache can link the very same artifacts (emu.pipeline.runner).
-The returned string (the main output's md5) is the next task's cache-key parameter.
+  * takes its inputs as DVC md5s and pulls them from the remote (emu.pipeline.handoff), links
+    them, and content-addresses its outputs into the remote (emu.artifacts.dvc), linking them too;
+  * writes each output artifact as a pointer (md5, size, remote URI) and stamps its metadata with
+    the md5, size and execution id, so a later run served from KFP's cache can link the very same
+    artifacts (emu.pipeline.runner).
+The returned string (the main output's md5) is the next task's input.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.config import from_dict, resolve, to_dict
+from emu.pipeline.handoff import REMOTE_ENV, input_folder, work_folder
 from emu.pipeline.resume import attach_checkpoints, resume_key
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ RUN_ENV = "EMU_RUN_ID"
 #: Set on cluster pods from their `pipeline/runid` label (pipelines/emu_pipeline.py).
 KFP_RUN_ENV = "KFP_RUN_ID"
 LINEAGE_ENV = "EMU_LINEAGE_URL"
-REMOTE_ENV = "EMU_DVC_REMOTE"
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
@@ -89,13 +90,16 @@ class Execution:
     outputs: dict[str, str] = field(default_factory=dict)
 
     def output(self, role: str, path: Path, type_: str, artifact=None) -> str:
-        """Content-address `path` into the DVC remote, link it as this execution's output `role`,
-        stamp the KFP artifact's metadata; return its md5."""
+        """Content-address `path` into the DVC remote, link it as this execution's output `role`;
+        write the KFP artifact (if any) as a pointer to it and stamp its metadata; return its md5."""
+        from emu.pipeline.handoff import write_pointer
+
         ref = artifact_store().push(path)
         store = lineage()
         artifact_id = store.record_artifact(ref.md5, ref.size, str(path), type_, name=role)
         store.link(self.id, artifact_id, "out", role)
         if artifact is not None:
+            write_pointer(artifact, ref, role)
             # Strings only: KFP's local cache keys on input artifacts' metadata, and numbers come
             # back from its JSON store as floats, which would make an identical input look new.
             artifact.metadata.update({"md5": ref.md5, "size": str(ref.size), "execution_id": str(self.id),
@@ -186,14 +190,14 @@ def _training_metrics(run: Execution, out: Path, artifact) -> None:
 # ---- the tasks ------------------------------------------------------------------------------------
 
 def prepare_task(*, source: str, preset: str, synth_config: str, import_config: str, dataset) -> str:
-    """Shard datasets into `dataset.path`: the synthetic world when `source` is empty, else a copy of
+    """Shard datasets into the dataset's work folder: the synthetic world when `source` is empty, else a copy of
     a folder / s3:// prefix of datasets, or a DVC md5 pulled from the remote."""
     from emu.data.prepare import import_sources
     from emu.data.synth import generate
 
     synth = stage_config("synth", preset, synth_config)
     importing = stage_config("import", preset, import_config)
-    out = Path(dataset.path)
+    out = work_folder(dataset)
     with execution("prepare", {"source": source, "synth": to_dict(synth), "import": to_dict(importing)}, {}) as run:
         if not source:
             with tempfile.TemporaryDirectory(prefix="emu-synth-") as tmp:
@@ -208,13 +212,13 @@ def prepare_task(*, source: str, preset: str, synth_config: str, import_config: 
         return run.output("dataset", out, "dataset", dataset)
 
 
-def validate_task(*, dataset: str, dataset_md5: str, preset: str, config: str, report, metrics) -> str:
+def validate_task(*, dataset_md5: str, preset: str, config: str, report, metrics) -> str:
     from emu.validate.gate import run_gate
 
     cfg = stage_config("validate", preset, config)
     with execution("validate", cfg, {"dataset": (dataset_md5, "dataset")}) as run:
-        folder = Path(report.path).with_suffix(".d")
-        result = run_gate(Path(dataset), folder, cfg)
+        folder = work_folder(report)
+        result = run_gate(input_folder(dataset_md5, "dataset"), folder, cfg)
         Path(report.path).write_text(_gate_html(result.summary_lines()), encoding="utf-8")
         run.stamp(report)
         run.output("validation", folder, "report")
@@ -224,8 +228,7 @@ def validate_task(*, dataset: str, dataset_md5: str, preset: str, config: str, r
         return "passed"
 
 
-def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, model_config: str, model,
-                metrics) -> str:
+def stage1_task(*, dataset_md5: str, preset: str, config: str, model_config: str, model, metrics) -> str:
     from emu.cluster import launch
     from emu.train.stages import stage1
 
@@ -233,75 +236,77 @@ def stage1_task(*, dataset: str, dataset_md5: str, preset: str, config: str, mod
     architecture = stage_config("model", preset, model_config)
     with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset")}) as run:
-        out = Path(model.path)
+        dataset, out = input_folder(dataset_md5, "dataset"), work_folder(model)
         location = attach_checkpoints(out, "stage1", resume_key("stage1", config=to_dict(cfg), model=to_dict(architecture),
                                                      dataset=dataset_md5))
-        sources = training_sources(Path(dataset), preset)
+        sources = training_sources(dataset, preset)
         link_shards(run, sources, cfg.batch_sizes)
-        launch.train("stage1", {"stage1": cfg, "model": architecture}, {"dataset": (Path(dataset), dataset_md5)},
+        launch.train("stage1", {"stage1": cfg, "model": architecture}, {"dataset": (dataset, dataset_md5)},
                      sources, out, lambda: stage1(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
 
-def precompute_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, preset: str, config: str,
-                    embeddings) -> str:
+def precompute_task(*, dataset_md5: str, model_md5: str, preset: str, config: str, embeddings) -> str:
     from emu.cluster import ray_launch
     from emu.precompute.job import run_precompute
 
     cfg = stage_config("precompute", preset, config)
     with execution("precompute", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model")}) as run:
-        sources, out = training_sources(Path(dataset), preset), Path(embeddings.path)
-        ray_launch.precompute(cfg, (Path(dataset), dataset_md5), (Path(model) / "model", model_md5), sources, out,
-                          lambda: run_precompute(sources, str(Path(model) / "model"), out, cfg))
-        return run.output("embeddings", Path(embeddings.path), "embeddings", embeddings)
+        dataset, out = input_folder(dataset_md5, "dataset"), work_folder(embeddings)
+        # The encoder never reads the LM: at 37B that is most of the export (Emu2 section 2.1).
+        model = input_folder(model_md5, "model", skip=("lm/",))
+        sources = training_sources(dataset, preset)
+        ray_launch.precompute(cfg, (dataset, dataset_md5), (model, model_md5), sources, out,
+                              lambda: run_precompute(sources, str(model), out, cfg))
+        return run.output("embeddings", out, "embeddings", embeddings)
 
 
-def stage2_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
-                preset: str, config: str, model, metrics) -> str:
+def stage2_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str, model,
+                metrics) -> str:
     from emu.train.stages import stage2
 
-    return _train_on_embeddings("stage2", stage2, dataset=dataset, dataset_md5=dataset_md5, init=init,
-                                init_md5=init_md5, embeddings=embeddings, embeddings_md5=embeddings_md5,
-                                preset=preset, config=config, model=model, metrics=metrics)
+    return _train_on_embeddings("stage2", stage2, dataset_md5=dataset_md5, init_md5=init_md5,
+                                embeddings_md5=embeddings_md5, preset=preset, config=config, model=model,
+                                metrics=metrics)
 
 
-def decoder_task(*, dataset: str, dataset_md5: str, encoder: str, encoder_md5: str, preset: str, config: str,
-                 decoder_config: str, decoder, metrics) -> str:
+def decoder_task(*, dataset_md5: str, encoder_md5: str, preset: str, config: str, decoder_config: str, decoder,
+                 metrics) -> str:
     import dataclasses
 
     from emu.cluster import launch
     from emu.train.stages import train_decoder
 
     base = stage_config("decoder", preset, config)
-    cfg = dataclasses.replace(base, encoder=str(Path(encoder) / "model"))
     architecture = stage_config("visual_decoder", preset, decoder_config)
-    with execution("decoder", {"decoder": to_dict(cfg), "visual_decoder": to_dict(architecture)},
+    with execution("decoder", {"decoder": to_dict(base), "visual_decoder": to_dict(architecture)},
                    {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
-        out = Path(decoder.path)
+        dataset, encoder = input_folder(dataset_md5, "dataset"), input_folder(encoder_md5, "encoder")
+        cfg, out = dataclasses.replace(base, encoder=str(encoder)), work_folder(decoder)
         location = attach_checkpoints(out, "decoder", resume_key("decoder", config=to_dict(base), model=to_dict(architecture),
                                                       dataset=dataset_md5, encoder=encoder_md5),
                            folders=("checkpoints", "vae/checkpoints"))
-        sources = training_sources(Path(dataset), preset)
+        sources = training_sources(dataset, preset)
         link_shards(run, sources, cfg.batch_sizes)
         launch.train("decoder", {"decoder": cfg, "visual_decoder": architecture},
-                     {"dataset": (Path(dataset), dataset_md5), "encoder": (Path(encoder) / "model", encoder_md5)},
+                     {"dataset": (dataset, dataset_md5), "encoder": (encoder, encoder_md5)},
                      sources, out, lambda: train_decoder(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("decoder", out / "decoder", "decoder", decoder)
 
 
-def instruct_task(*, dataset: str, dataset_md5: str, init: str, init_md5: str, embeddings: str, embeddings_md5: str,
-                  preset: str, config: str, model, metrics) -> str:
+def instruct_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str, model,
+                  metrics) -> str:
     from emu.train.stages import instruct
 
-    return _train_on_embeddings("instruct", instruct, dataset=dataset, dataset_md5=dataset_md5, init=init,
-                                init_md5=init_md5, embeddings=embeddings, embeddings_md5=embeddings_md5,
-                                preset=preset, config=config, model=model, metrics=metrics)
+    return _train_on_embeddings("instruct", instruct, dataset_md5=dataset_md5, init_md5=init_md5,
+                                embeddings_md5=embeddings_md5, preset=preset, config=config, model=model,
+                                metrics=metrics)
 
 
-def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, init: str, init_md5: str,
-                         embeddings: str, embeddings_md5: str, preset: str, config: str, model, metrics) -> str:
+def _train_on_embeddings(stage: str, train, *, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str,
+                         config: str, model, metrics) -> str:
     """A stage that starts from the previous stage's model and reads precomputed embeddings
     (stage 2, instruction tuning): train, record curves and shard lineage, version the model."""
     import dataclasses
@@ -309,25 +314,24 @@ def _train_on_embeddings(stage: str, train, *, dataset: str, dataset_md5: str, i
     from emu.cluster import launch
 
     base = stage_config(stage, preset, config)
-    cfg = dataclasses.replace(base, init=str(Path(init) / "model"), precomputed=str(embeddings))
-    with execution(stage, cfg, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
-                                "embeddings": (embeddings_md5, "embeddings")}) as run:
-        out = Path(model.path)
+    with execution(stage, base, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
+                                 "embeddings": (embeddings_md5, "embeddings")}) as run:
+        dataset, init = input_folder(dataset_md5, "dataset"), input_folder(init_md5, "init")
+        embeddings, out = input_folder(embeddings_md5, "embeddings"), work_folder(model)
+        cfg = dataclasses.replace(base, init=str(init), precomputed=str(embeddings))
         location = attach_checkpoints(out, stage, resume_key(stage, config=to_dict(base), dataset=dataset_md5, init=init_md5,
                                                   embeddings=embeddings_md5))
-        sources = training_sources(Path(dataset), preset)
+        sources = training_sources(dataset, preset)
         link_shards(run, sources, cfg.batch_sizes)
-        # Each md5 is of the folder the config names (the export inside the previous task's
-        # output), so that a TrainJob node pulling it by md5 finds what the config points at.
-        launch.train(stage, {stage: cfg}, {"dataset": (Path(dataset), dataset_md5), "init": (Path(init) / "model", init_md5),
-                                           "embeddings": (Path(embeddings), embeddings_md5)},
+        launch.train(stage, {stage: cfg}, {"dataset": (dataset, dataset_md5), "init": (init, init_md5),
+                                           "embeddings": (embeddings, embeddings_md5)},
                      sources, out, lambda: train(cfg, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
         return run.output("model", out / "model", "model", model)
 
 
-def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str, decoder: str, decoder_md5: str,
-                  preset: str, config: str, metrics, report, summary, production: str = "") -> str:
+def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset: str, config: str, metrics, report,
+                  summary, production: str = "") -> str:
     """Benchmarks, then the promotion gate: against the configured baseline file, else the
     production model named by `production` (the registry's at submission, a cache-key input:
     `production_reference`; no regression beyond the tolerance), else, with no production model
@@ -339,11 +343,13 @@ def evaluate_task(*, dataset: str, dataset_md5: str, model: str, model_md5: str,
     from emu.evaluate.harness import evaluate, write_reports
     from emu.evaluate.report import Section
 
-    cfg = dataclasses.replace(stage_config("evaluate", preset, config), data_root=str(dataset))
-    with execution("evaluate", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model"),
-                                     "decoder": (decoder_md5, "decoder")}) as run:
-        out = Path(metrics.path).with_suffix(".d")
-        result = evaluate(cfg, str(Path(model) / "model"), out, decoder=str(Path(decoder) / "decoder"))
+    base = stage_config("evaluate", preset, config)
+    with execution("evaluate", base, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model"),
+                                      "decoder": (decoder_md5, "decoder")}) as run:
+        cfg = dataclasses.replace(base, data_root=str(input_folder(dataset_md5, "dataset")))
+        out = work_folder(metrics)
+        result = evaluate(cfg, str(input_folder(model_md5, "model")), out,
+                          decoder=str(input_folder(decoder_md5, "decoder")))
         flat = json.loads((out / "kfp_metrics.json").read_text(encoding="utf-8"))
         pipeline = stage_config("pipeline", preset, "")
         gate = result.gate if result.gate is not None else promotion_gate(
