@@ -26,6 +26,7 @@ from kfp import dsl, kubernetes
 
 from components.decoder import decoder as decoder_component
 from components.evaluate import evaluate as evaluate_component
+from components.finish import finish as finish_component
 from components.instruct import instruct as instruct_component
 from components.precompute import precompute as precompute_component
 from components.prepare import prepare as prepare_component
@@ -46,12 +47,18 @@ TRAINING = ("stage1", "stage2", "decoder", "instruct")
 SETTINGS = ("EMU_LINEAGE_URL", "EMU_DVC_REMOTE", "EMU_CHECKPOINT_REMOTE", "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
-def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False):
-    """The pipeline function, with `config`'s resources applied to its tasks. With
-    `source_read_at_run`, `prepare` is never served from the cache: it reads its source (a folder
-    or s3:// prefix whose content may change) whenever the run starts, so a KFP recurring run,
-    whose parameters are fixed when it is created, trains on the data there at each firing; the
-    same data gives the same md5, and every later task is served from the cache."""
+def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False, close_run_on_exit: bool = False):
+    """The pipeline function, with `config`'s resources applied to its tasks.
+
+    With `source_read_at_run`, `prepare` is never served from the cache: it reads its source (a
+    folder or s3:// prefix whose content may change) whenever the run starts, so a KFP recurring
+    run, whose parameters are fixed when it is created, trains on the data there at each firing;
+    the same data gives the same md5, and every later task is served from the cache.
+
+    With `close_run_on_exit` (a cluster's package), every task runs inside a dsl.ExitHandler whose
+    `finish` task ends the run's lineage record with KFP's final state, however the run ends:
+    `emu run` does that on this machine, but a run that KFP starts (a recurring run's firing, the
+    KFP UI) has nothing else to end it."""
 
     @dsl.pipeline(name=NAME, description="Emu2-style training: validate, pretrain (2 stages), precompute, "
                                          "decoder, instruction tuning, evaluation, registration.")
@@ -62,41 +69,61 @@ def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False):
             synth_config: str = "", import_config: str = "", validate_config: str = "", stage1_config: str = "",
             model_config: str = "", precompute_config: str = "", stage2_config: str = "", decoder_config: str = "",
             visual_decoder_config: str = "", instruct_config: str = "", evaluate_config: str = ""):
-        common = {"preset": preset}
-        prepare = _configure(prepare_component(source=source, source_md5=source_md5, synth_config=synth_config,
-                                               import_config=import_config, code_version=prepare_code_version,
-                                               **common), "prepare", config, cached=not source_read_at_run)
-        data = {"dataset_md5": prepare.outputs["Output"]}
-        validate = _configure(validate_component(config=validate_config, code_version=validate_code_version,
-                                                 **data, **common), "validate", config)
-        stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config,
-                                             code_version=stage1_code_version, **data, **common),
-                            "stage1", config).after(validate)
-        precompute = _configure(precompute_component(model_md5=stage1.outputs["Output"], config=precompute_config,
-                                                     code_version=precompute_code_version, **data, **common),
-                                "precompute", config)
-        embeddings = {"embeddings_md5": precompute.outputs["Output"]}
-        stage2 = _configure(stage2_component(init_md5=stage1.outputs["Output"],
-                                             config=stage2_config, code_version=stage2_code_version, **embeddings,
-                                             **data, **common), "stage2", config)
-        decoder = _configure(decoder_component(encoder_md5=stage1.outputs["Output"],
-                                               config=decoder_config, decoder_config=visual_decoder_config,
-                                               code_version=decoder_code_version, **data, **common), "decoder", config)
-        instruct = _configure(instruct_component(init_md5=stage2.outputs["Output"],
-                                                 config=instruct_config, code_version=instruct_code_version,
-                                                 **embeddings, **data, **common),
-                              "instruct", config)
-        evaluate = _configure(evaluate_component(model_md5=instruct.outputs["Output"],
-                                                 decoder_md5=decoder.outputs["Output"], config=evaluate_config,
-                                                 code_version=evaluate_code_version, production=production, **data,
-                                                 **common), "evaluate", config)
-        with dsl.If(evaluate.outputs["Output"] == "true", name="gate-passed"):
-            _configure(register_component(model_md5=instruct.outputs["Output"], decoder_md5=decoder.outputs["Output"],
-                                          evaluation=evaluate.outputs["metrics"],
-                                          code_version=register_code_version, production=production),
-                       "register", config)
+        arguments = {name: value for name, value in locals().items() if name in _graph_parameters()}
+        if not close_run_on_exit:
+            _tasks(config, source_read_at_run, **arguments)
+            return
+        with dsl.ExitHandler(_configure(finish_component(), "finish", config, cached=False), name="emu-run"):
+            _tasks(config, source_read_at_run, **arguments)
 
     return emu
+
+
+def _graph_parameters() -> tuple[str, ...]:
+    """The pipeline parameters `_tasks` takes (keyword-only): all of them."""
+    import inspect
+
+    return tuple(name for name, p in inspect.signature(_tasks).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+def _tasks(config: PipelineConfig, source_read_at_run: bool, *, preset, source, source_md5, production,
+           prepare_code_version, validate_code_version, stage1_code_version, precompute_code_version,
+           stage2_code_version, decoder_code_version, instruct_code_version, evaluate_code_version,
+           register_code_version, synth_config, import_config, validate_config, stage1_config, model_config,
+           precompute_config, stage2_config, decoder_config, visual_decoder_config, instruct_config,
+           evaluate_config) -> None:
+    """The graph of the module docstring, in the pipeline's (or its exit handler's) context."""
+    common = {"preset": preset}
+    prepare = _configure(prepare_component(source=source, source_md5=source_md5, synth_config=synth_config,
+                                           import_config=import_config, code_version=prepare_code_version,
+                                           **common), "prepare", config, cached=not source_read_at_run)
+    data = {"dataset_md5": prepare.outputs["Output"]}
+    validate = _configure(validate_component(config=validate_config, code_version=validate_code_version,
+                                             **data, **common), "validate", config)
+    stage1 = _configure(stage1_component(config=stage1_config, model_config=model_config,
+                                         code_version=stage1_code_version, **data, **common),
+                        "stage1", config).after(validate)
+    precompute = _configure(precompute_component(model_md5=stage1.outputs["Output"], config=precompute_config,
+                                                 code_version=precompute_code_version, **data, **common),
+                            "precompute", config)
+    embeddings = {"embeddings_md5": precompute.outputs["Output"]}
+    stage2 = _configure(stage2_component(init_md5=stage1.outputs["Output"], config=stage2_config,
+                                         code_version=stage2_code_version, **embeddings, **data, **common),
+                        "stage2", config)
+    decoder = _configure(decoder_component(encoder_md5=stage1.outputs["Output"], config=decoder_config,
+                                           decoder_config=visual_decoder_config, code_version=decoder_code_version,
+                                           **data, **common), "decoder", config)
+    instruct = _configure(instruct_component(init_md5=stage2.outputs["Output"], config=instruct_config,
+                                             code_version=instruct_code_version, **embeddings, **data, **common),
+                          "instruct", config)
+    evaluate = _configure(evaluate_component(model_md5=instruct.outputs["Output"],
+                                             decoder_md5=decoder.outputs["Output"], config=evaluate_config,
+                                             code_version=evaluate_code_version, production=production, **data,
+                                             **common), "evaluate", config)
+    with dsl.If(evaluate.outputs["Output"] == "true", name="gate-passed"):
+        _configure(register_component(model_md5=instruct.outputs["Output"], decoder_md5=decoder.outputs["Output"],
+                                      evaluation=evaluate.outputs["metrics"], code_version=register_code_version,
+                                      production=production), "register", config)
 
 
 def _configure(task: dsl.PipelineTask, stage: str, config: PipelineConfig, cached: bool = True) -> dsl.PipelineTask:

@@ -26,15 +26,13 @@ from emu.errors import ConfigError, EmuError
 from emu.lineage.store import LineageStore
 from emu.pipeline.console import strip_ansi
 from emu.pipeline.runner import ROOT, RunRequest, launch_background, parameters, run_log_path, submit
+from emu.pipeline.tasks import KFP_STATES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RetrainRequest", "Launcher", "offered_presets", "parse_overrides"]
 
 _MD5 = re.compile(r"[0-9a-f]{32}(\.dir)?")
-#: KFP run states -> lineage run statuses (a run still going keeps `running`).
-KFP_STATES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "cancelled", "SKIPPED": "cancelled",
-              "PENDING": "running", "RUNNING": "running", "CANCELING": "running", "PAUSED": "running"}
 #: Seconds between two reads of one cluster run's state.
 KFP_POLL_S = 10.0
 

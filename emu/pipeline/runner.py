@@ -533,8 +533,9 @@ def evaluation_of(store, run_id: str) -> dict[str, float]:
 # ---- cluster runs -------------------------------------------------------------------------------
 
 def compile_pipeline(preset: str, out: Path, overrides: list[str] = (), source_read_at_run: bool = False) -> Path:
-    """Write the pipeline YAML for a cluster, with `preset`'s resources applied; with
-    `source_read_at_run`, its `prepare` reads the source whenever a run starts (never cached)."""
+    """Write the pipeline YAML for a cluster, with `preset`'s resources applied and an exit handler
+    that ends the run's lineage record; with `source_read_at_run`, its `prepare` reads the source
+    whenever a run starts (never cached)."""
     from kfp import compiler
 
     from pipelines.emu_pipeline import build_pipeline
@@ -542,7 +543,8 @@ def compile_pipeline(preset: str, out: Path, overrides: list[str] = (), source_r
     config = pipeline_config(RunRequest(preset=preset, overrides=list(overrides)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, source_read_at_run=source_read_at_run), str(out))
+    compiler.Compiler().compile(build_pipeline(config, source_read_at_run=source_read_at_run, close_run_on_exit=True),
+                                  str(out))
     return out
 
 

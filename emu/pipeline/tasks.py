@@ -467,6 +467,29 @@ def register_task(*, model_md5: str, decoder_md5: str, evaluation, production: s
         return version
 
 
+#: KFP run and task states -> lineage run statuses (a run still going keeps `running`).
+KFP_STATES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "cancelled", "CANCELLED": "cancelled",
+              "SKIPPED": "cancelled", "PENDING": "running", "RUNNING": "running", "CANCELING": "running",
+              "PAUSED": "running"}
+
+
+def finish_task(*, state: str, error: str) -> str:
+    """End the run's lineage record with the state KFP gives a cluster run's exit handler (its
+    `PipelineTaskFinalStatus`); executions still open end with it. A run no task recorded (every
+    task served from the cache, started from the KFP UI) is recorded here, so it is not lost.
+    Returns the status recorded."""
+    store = lineage()
+    run_id = current_run_id()
+    status = KFP_STATES.get(state.upper(), "failed")
+    if status == "succeeded":
+        store.update_run(run_id, status="succeeded", error=None)
+    else:  # an exit handler runs once the run is over: nothing is still going
+        status = "cancelled" if status == "cancelled" else "failed"
+        store.end_run(run_id, status, error or f"the KFP run ended {state}")
+    log.info("run %s ended %s (KFP state %s)", run_id, status, state)
+    return status
+
+
 def _is_md5(text: str) -> bool:
     core = text[:-4] if text.endswith(".dir") else text
     return len(core) == 32 and all(c in "0123456789abcdef" for c in core)

@@ -570,12 +570,12 @@ def test_stage_edges_match_the_compiled_pipeline():
     from emu.pipeline.runner import TASK_EDGES, TASKS
 
     spec = next(yaml.safe_load_all((Path(__file__).parents[2] / "pipelines" / "emu_pipeline.yaml").read_text()))
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]  # the graph inside the exit handler
     depends = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
-    inner = tasks["condition-1"]["componentRef"]["name"] if "condition-1" in tasks else None
-    if inner:
+    for condition in [name for name in tasks if name.startswith("condition-")]:  # the gate's dsl.If
+        inner = tasks[condition]["componentRef"]["name"]
         for name, task in spec["components"][inner]["dag"]["tasks"].items():
-            depends[name] = set(task.get("dependentTasks", [])) | depends["condition-1"]
+            depends[name] = set(task.get("dependentTasks", [])) | depends[condition]
     for source, target in TASK_EDGES:
         assert source in depends[target], f"{source} -> {target} is not an edge of the compiled pipeline"
     assert {s for edge in TASK_EDGES for s in edge} == set(TASKS)

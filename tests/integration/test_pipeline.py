@@ -48,6 +48,16 @@ def test_compiled_yaml_carries_the_gpu_node_pool_settings():
     assert "accelerator" not in executors["exec-validate"]["container"].get("resources", {})
 
 
+def test_compiled_yaml_ends_the_run_in_an_exit_handler():
+    """On a cluster nothing but the run itself can end its lineage record (emu.pipeline.tasks.finish_task)."""
+    root = yaml.safe_load_all((ROOT / "pipelines" / "emu_pipeline.yaml").read_text()).__next__()["root"]["dag"]
+    finish = root["tasks"]["finish"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finish["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    assert set(root["tasks"]) == {"exit-handler-1", "finish"}, "every task runs inside the handler"
+    assert not finish["cachingOptions"].get("enableCache"), "a cached finish would end nothing"
+
+
 def fast_preset(folder: Path) -> Path:
     """The tiny preset with a smaller world and a few steps per stage: the same code paths."""
     preset = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())

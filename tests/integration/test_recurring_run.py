@@ -1,6 +1,8 @@
 """A KFP recurring run fired as KFP fires it: the package and the arguments `emu schedule create
 --host` creates it with (fixed at creation), executed by kfp.local at each firing. New data at the
-source between two firings retrains; the same data is served from the cache after `prepare`."""
+source between two firings retrains; the same data is served from the cache after `prepare`; and
+each firing's lineage record is ended by the package's exit handler, as nothing else ends a run
+that KFP starts."""
 
 import dataclasses
 import shutil
@@ -55,6 +57,7 @@ def test_a_recurring_run_retrains_on_new_data_and_is_cached_on_the_same(tmp_path
                    raise_on_error=True, enable_caching=True, cache_root=str(home / "kfp-cache"))
         loaded(**args)
         run = store.get_run_by_kfp_id(f"firing-{number}")
+        assert run.status == "succeeded" and run.ended_at, "the exit handler (finish) ends the run's record"
         return {e.stage: e for e in store.list_executions(run.id)}
 
     def dataset_md5(executions: dict) -> str:

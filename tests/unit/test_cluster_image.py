@@ -87,7 +87,7 @@ def test_committed_pipeline_carries_layout_retries_timeouts_and_secrets():
     precompute = executors["exec-precompute"]["container"]
     assert {v["name"]: v["value"] for v in precompute["env"]}["EMU_RAY_CLUSTER"] == "emu-ray"
     assert "accelerator" not in precompute["resources"], "precompute's GPUs are the RayCluster's, not its pod's"
-    tasks = docs[0]["root"]["dag"]["tasks"]
+    tasks = docs[0]["components"]["comp-exit-handler-1"]["dag"]["tasks"]  # every task runs in the exit handler
     assert tasks["stage2"]["retryPolicy"]["maxRetryCount"] == 3
     kubernetes = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert kubernetes["exec-stage2"]["activeDeadlineSeconds"] == "604800"
