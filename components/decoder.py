@@ -11,4 +11,4 @@ def decoder(dataset_md5: str, encoder_md5: str, preset: str, config: str, decode
     from emu.pipeline.tasks import decoder_task
 
     return decoder_task(dataset_md5=dataset_md5, encoder_md5=encoder_md5, preset=preset, config=config,
-                        decoder_config=decoder_config, decoder=decoder, metrics=metrics)
+                        decoder_config=decoder_config, code_version=code_version, decoder=decoder, metrics=metrics)

@@ -11,4 +11,5 @@ def evaluate(dataset_md5: str, model_md5: str, decoder_md5: str, preset: str, co
     from emu.pipeline.tasks import evaluate_task
 
     return evaluate_task(dataset_md5=dataset_md5, model_md5=model_md5, decoder_md5=decoder_md5, preset=preset,
-                         config=config, production=production, metrics=metrics, report=report, summary=summary)
+                         config=config, code_version=code_version, production=production, metrics=metrics,
+                         report=report, summary=summary)

@@ -11,4 +11,4 @@ def instruct(dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, 
     from emu.pipeline.tasks import instruct_task
 
     return instruct_task(dataset_md5=dataset_md5, init_md5=init_md5, embeddings_md5=embeddings_md5, preset=preset,
-                         config=config, model=model, metrics=metrics)
+                         config=config, code_version=code_version, model=model, metrics=metrics)

@@ -11,4 +11,4 @@ def precompute(dataset_md5: str, model_md5: str, preset: str, config: str, code_
     from emu.pipeline.tasks import precompute_task
 
     return precompute_task(dataset_md5=dataset_md5, model_md5=model_md5, preset=preset, config=config,
-                           embeddings=embeddings)
+                           code_version=code_version, embeddings=embeddings)

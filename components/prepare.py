@@ -11,5 +11,5 @@ def prepare(source: str, source_md5: str, preset: str, synth_config: str, import
     shapes world when `source` is empty (emu.pipeline.tasks.prepare_task)."""
     from emu.pipeline.tasks import prepare_task
 
-    return prepare_task(source=source, preset=preset, synth_config=synth_config, import_config=import_config,
-                        dataset=dataset)
+    return prepare_task(source=source, source_md5=source_md5, preset=preset, synth_config=synth_config,
+                        import_config=import_config, code_version=code_version, dataset=dataset)

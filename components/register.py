@@ -9,4 +9,5 @@ def register(model_md5: str, decoder_md5: str, evaluation: Input[Metrics], code_
     """Promote the evaluated model (and its decoder) to production in the registry."""
     from emu.pipeline.tasks import register_task
 
-    return register_task(model_md5=model_md5, decoder_md5=decoder_md5, evaluation=evaluation, production=production)
+    return register_task(model_md5=model_md5, decoder_md5=decoder_md5, code_version=code_version,
+                         evaluation=evaluation, production=production)

@@ -10,5 +10,5 @@ def stage1(dataset_md5: str, preset: str, config: str, model_config: str, code_v
     """Stage-1 pretraining (emu.train.stages.stage1)."""
     from emu.pipeline.tasks import stage1_task
 
-    return stage1_task(dataset_md5=dataset_md5, preset=preset, config=config, model_config=model_config, model=model,
-                       metrics=metrics)
+    return stage1_task(dataset_md5=dataset_md5, preset=preset, config=config, model_config=model_config,
+                       code_version=code_version, model=model, metrics=metrics)

@@ -11,4 +11,4 @@ def stage2(dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, co
     from emu.pipeline.tasks import stage2_task
 
     return stage2_task(dataset_md5=dataset_md5, init_md5=init_md5, embeddings_md5=embeddings_md5, preset=preset,
-                       config=config, model=model, metrics=metrics)
+                       config=config, code_version=code_version, model=model, metrics=metrics)

@@ -10,4 +10,5 @@ def validate(dataset_md5: str, preset: str, config: str, code_version: str, repo
     """The Great Expectations gate; fails the task (and stops the pipeline) when the data fails."""
     from emu.pipeline.tasks import validate_task
 
-    return validate_task(dataset_md5=dataset_md5, preset=preset, config=config, report=report, metrics=metrics)
+    return validate_task(dataset_md5=dataset_md5, preset=preset, config=config, code_version=code_version,
+                         report=report, metrics=metrics)

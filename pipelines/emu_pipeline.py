@@ -73,7 +73,7 @@ def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False, clo
         if not close_run_on_exit:
             _tasks(config, source_read_at_run, **arguments)
             return
-        with dsl.ExitHandler(_configure(finish_component(), "finish", config, cached=False), name="emu-run"):
+        with dsl.ExitHandler(_configure(finish_component(**arguments), "finish", config, cached=False), name="emu-run"):
             _tasks(config, source_read_at_run, **arguments)
 
     return emu

@@ -4,7 +4,8 @@
     GET    /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs/NAME
     DELETE /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs/NAME
     GET    /api/v1/namespaces/NS/pods?labelSelector=jobset.sigs.k8s.io/jobset-name=NAME
-    GET    /api/v1/namespaces/NS/pods/POD/log?container=node&follow=true   (chunked, as the log grows)
+    GET    /api/v1/namespaces/NS/pods/POD/log?container=node&follow=true   (chunked, as the log grows;
+           each line stamped as the kubelet does with timestamps=true)
 
 `KubeRayAPI` speaks the RayJob calls the same way (and GET of its RayClusters, whose head runs
 `image`) and plays KubeRay for real: a RayJob created on a RayCluster it knows has its entrypoint
@@ -15,16 +16,20 @@ Initializing, as with KubeRay.
 
 KubeAPI plays the Trainer controller for a created TrainJob: on the first GET its node pods are
 Running and start logging `lines`; once their logs are written the job ends in `outcome`
-("Complete" or "Failed", with `exit_code` on a failed node). The real kubernetes client talks to
-it through `client()`.
+("Complete" or "Failed", with `exit_code` on a failed node). With `drop_after`, the first log
+stream of each pod breaks off after that many lines (a dropped connection) while the pod runs on;
+a later request gets the whole log again (a window wider than it). The real kubernetes client
+talks to it through `client()`.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -32,9 +37,34 @@ from urllib.parse import parse_qs, urlparse
 from tests import k8s_schema
 
 
+def kubelet_stamp(seconds: float) -> str:
+    """A time as the kubelet stamps log lines: RFC 3339 in UTC, nanoseconds with trailing zeros
+    dropped (Go's RFC3339Nano), so stamps do not sort as strings."""
+    whole = int(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    fraction = f".{nanos:09d}".rstrip("0") if nanos else ""
+    return datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
+
+
+def _stamped(query: dict) -> bool:
+    """timestamps=true asked for (the client sends "True"; the API server reads Go's ParseBool)."""
+    return query.get("timestamps", [""])[0].lower() in ("true", "1")
+
+
+def _chunk(wfile, line: str) -> None:
+    """One log line as a chunk of a chunked reply."""
+    data = line.encode()
+    wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    wfile.flush()
+
+
 class KubeAPI:
-    def __init__(self, outcome: str = "Complete", lines: int = 3, exit_code: int = 0, reason: str = "") -> None:
+    def __init__(self, outcome: str = "Complete", lines: int = 3, exit_code: int = 0, reason: str = "",
+                 drop_after: int = 0) -> None:
         self.outcome, self.lines, self.exit_code, self.reason = outcome, lines, exit_code, reason
+        self.drop_after = drop_after
+        #: (pod, query) of every log request
+        self.log_requests: list[tuple[str, dict]] = []
         self.created: list[dict] = []
         self.deleted: list[str] = []
         self.gets = 0
@@ -115,14 +145,23 @@ class KubeAPI:
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 if parts[:2] == ["api", "v1"] and parts[-1] == "log":
                     pod = parts[-2]
+                    with api._lock:
+                        api.log_requests.append((pod, query))
+                        first = sum(1 for p, _ in api.log_requests if p == pod) == 1
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     for i in range(api.lines):
-                        data = f"step {i} on {pod}\n".encode()
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                        self.wfile.flush()
+                        if first and api.drop_after and i == api.drop_after:
+                            self.connection.shutdown(socket.SHUT_RDWR)  # broken off mid-stream
+                            self.close_connection = True
+                            return None
+                        # Stamps a quarter second apart from a fixed time: ...:00Z, ...:00.25Z, ...
+                        stamp = kubelet_stamp(1_780_000_000 + i / 4)
+                        line = f"{stamp} step {i} on {pod}\n" if _stamped(query) \
+                            else f"step {i} on {pod}\n"
+                        _chunk(self.wfile, line)
                         time.sleep(0.02)
                     self.wfile.write(b"0\r\n\r\n")
                     with api._lock:
@@ -280,27 +319,37 @@ class KubeRayAPI:
                     items = [api._pod(job)] if job is not None and job["metadata"]["name"] in api._runs else []
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 if parts[:2] == ["api", "v1"] and parts[-1] == "log":
-                    return self._stream(parts[-2].removesuffix("-x7k2p"))
+                    return self._stream(parts[-2].removesuffix("-x7k2p"), query)
                 self._send(404, {"kind": "Status", "code": 404})
 
-            def _stream(self, name: str) -> None:
-                """The entrypoint's output as it is written, until it has exited (chunked, like follow=true)."""
+            def _stream(self, name: str, query: dict) -> None:
+                """The entrypoint's output as it is written, until it has exited (chunked, like
+                follow=true), each line stamped with the time it was read when asked to."""
                 process, log = api._runs[name]
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
+                stamped = _stamped(query)
+
+                def send(line: str) -> None:
+                    _chunk(self.wfile, f"{kubelet_stamp(time.time())} {line}" if stamped else line)
+
+                pending = b""
                 with open(log, "rb") as source:
                     while True:
                         ended = process.poll() is not None
                         data = source.read()
-                        if data:
-                            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                            self.wfile.flush()
-                        elif ended:
+                        pending += data
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            send(line.decode("utf-8", "replace") + "\n")
+                        if not data and ended:
                             break
-                        else:
+                        if not data:
                             time.sleep(0.1)
+                if pending:
+                    send(pending.decode("utf-8", "replace"))
                 self.wfile.write(b"0\r\n\r\n")
 
         return Handler

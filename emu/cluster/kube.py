@@ -115,8 +115,8 @@ def run(kind: JobKind, body: dict[str, Any], note: str = "", client=None, poll_s
             for pod in pods:
                 if pod.metadata.name not in followers and pod.status.phase in ("Running", "Succeeded", "Failed"):
                     followers[pod.metadata.name] = thread = threading.Thread(
-                        target=_follow, args=(core, namespace, pod.metadata.name, kind.container, stream, lock),
-                        daemon=True)
+                        target=_follow, args=(core, namespace, pod.metadata.name, kind.container, selector, stream,
+                                              lock, poll_s), daemon=True)
                     thread.start()
             ended = kind.outcome(obj)
             if ended is not None:
@@ -138,20 +138,77 @@ def run(kind: JobKind, body: dict[str, Any], note: str = "", client=None, poll_s
                 print(f"{label}: not deleted ({type(exc).__name__}: {exc})", file=stream)
 
 
-def _follow(core, namespace: str, pod: str, container: str, stream: TextIO, lock: threading.Lock) -> None:
-    """Copy one pod's log, line by line, as it is written."""
-    response = core.read_namespaced_pod_log(pod, namespace, container=container, follow=True,
-                                            _preload_content=False)
+def _follow(core, namespace: str, pod: str, container: str, selector: str, stream: TextIO, lock: threading.Lock,
+            poll_s: float) -> None:
+    """Copy one pod's log, line by line, as it is written. A stream that ends while the container
+    still runs (an API server or kubelet restart, a dropped connection) is opened again where it
+    stopped: the kubelet stamps each line (`timestamps=True`), a reopened stream starts a minute
+    before the last line printed, and lines up to that one are skipped."""
+    last: tuple[str, int] | None = None
+    failures = 0
+    while True:
+        window = {} if last is None else {"since_seconds": int(time.time() - _epoch(last)) + 60}
+        try:
+            response = core.read_namespaced_pod_log(pod, namespace, container=container, follow=True, timestamps=True,
+                                                    _preload_content=False, **window)
+            for line in _lines(response):
+                stamp, text = _split_stamp(line)
+                if stamp is not None and last is not None and stamp <= last:
+                    continue  # printed before the stream was reopened
+                last = stamp or last
+                with lock:
+                    print(f"[{pod}] {text}", file=stream, flush=True)
+            failures = 0
+        except Exception as exc:  # a dropped stream: the job's own watch decides whether it failed
+            failures += 1
+            if failures > _API_RETRIES:
+                with lock:
+                    print(f"[{pod}] log stream lost ({type(exc).__name__}: {exc}); the job goes on", file=stream,
+                          flush=True)
+                return
+        try:
+            if not _still_running(core, namespace, pod, container, selector):
+                return
+        except Exception:  # the API is away: look again after the wait
+            failures += 1
+        time.sleep(poll_s * max(failures, 1))
+
+
+def _lines(response):
     pending = b""
     for chunk in response.stream(4096):
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        with lock:
-            for line in lines:
-                print(f"[{pod}] {line.decode('utf-8', 'replace')}", file=stream, flush=True)
+        yield from (line.decode("utf-8", "replace") for line in lines)
     if pending:
-        with lock:
-            print(f"[{pod}] {pending.decode('utf-8', 'replace')}", file=stream, flush=True)
+        yield pending.decode("utf-8", "replace")
+
+
+def _split_stamp(line: str) -> tuple[tuple[str, int] | None, str]:
+    """(("2026-12-07T11:57:13", 123456789), text) of a kubelet-stamped line (RFC 3339, nanoseconds
+    with trailing zeros dropped, so the strings do not sort as times); (None, line) if unstamped."""
+    stamp, _, text = line.partition(" ")
+    whole, dot, fraction = stamp.rstrip("Z").partition(".")
+    if len(whole) != 19 or whole[10:11] != "T" or not stamp.endswith("Z") or (dot and not fraction.isdigit()):
+        return None, line
+    return (whole, int((fraction or "0").ljust(9, "0")[:9])), text
+
+
+def _epoch(stamp: tuple[str, int]) -> float:
+    from datetime import datetime, timezone
+
+    return datetime.strptime(stamp[0], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _still_running(core, namespace: str, pod: str, container: str, selector: str) -> bool:
+    """Whether `container` of `pod` runs, or waits to run again (a restart): its log goes on."""
+    for item in core.list_namespaced_pod(namespace, label_selector=selector).items:
+        if item.metadata.name != pod or item.status.phase in ("Succeeded", "Failed"):
+            continue
+        for status in item.status.container_statuses or []:
+            if status.name == container and status.state is not None and status.state.terminated is None:
+                return True
+    return False
 
 
 def _failed_pods(core, namespace: str, selector: str) -> str:

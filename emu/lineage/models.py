@@ -5,7 +5,8 @@ JSON, DateTime), CHECK constraints instead of native enums, JSONB on PostgreSQL 
 and datetimes stored as UTC (`UTCDateTime`: aware in and out, whatever the backend keeps).
 
     runs ─┬─< stage_executions ─┬─< edges >── artifacts ─< artifact_locations
-          │                     └─< metrics
+          │                     ├─< metrics
+          │                     └── task_calls (its KFP cache identity and what it returned)
           └─< metrics (run-level, execution_id NULL)
     schedules ─< runs.schedule_id          audit_log      lineage_meta (schema version)
     run_owners (the process that drives a local run: host, pid, its start time, heartbeat)
@@ -30,7 +31,7 @@ from sqlalchemy.types import TypeDecorator
 __all__ = [
     "SCHEMA_VERSION", "RUN_STATUSES", "EXECUTION_STATUSES", "TERMINAL_STATUSES", "TRIGGERS", "BACKENDS",
     "ARTIFACT_TYPES", "DIRECTIONS", "Base", "Run", "StageExecution", "Artifact", "ArtifactLocation", "Edge",
-    "Metric", "Registration", "Schedule", "AuditEntry", "IdempotencyKey", "Meta", "RunOwner", "utcnow",
+    "Metric", "Registration", "Schedule", "AuditEntry", "IdempotencyKey", "Meta", "RunOwner", "TaskCall", "utcnow",
 ]
 
 #: Layout version written to lineage_meta; bump with every change a migration must handle.
@@ -311,6 +312,26 @@ class IdempotencyKey(Base):
     #: What the first request produced (a run id); NULL while it is still being done.
     result: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TaskCall(Base):
+    """What a pipeline task was called with, as KFP's cache sees it, and what it returned.
+
+    `fingerprint` hashes the task's stage and parameter values (emu.pipeline.cached_lineage): every
+    input of a task is a parameter (DVC md5s, configs, its code version), so two executions with
+    one fingerprint are one KFP cache entry. On a cluster a task served from the cache runs
+    nothing; the run's exit handler finds the execution that did the work by its fingerprint and
+    records the cached one in the run. A table of its own, not columns of `stage_executions`:
+    `create_all` adds it to an existing database."""
+
+    __tablename__ = "task_calls"
+    __table_args__ = (Index("ix_task_calls_fingerprint", "fingerprint"),)
+
+    execution_id: Mapped[int] = mapped_column(Integer, ForeignKey("stage_executions.id", ondelete="CASCADE"),
+                                              primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    #: The task's return value (its main output's md5, the gate's "true"/"false"); NULL until it returns.
+    result: Mapped[str | None] = mapped_column(String(255))
 
 
 class RunOwner(Base):

@@ -46,7 +46,7 @@ from emu.lineage import LineageError
 from emu.lineage.cron import parse_cron
 from emu.lineage.models import (ARTIFACT_TYPES, BACKENDS, DIRECTIONS, EXECUTION_STATUSES, RUN_STATUSES, SCHEMA_VERSION, TERMINAL_STATUSES,
                                 TRIGGERS, Artifact, ArtifactLocation, AuditEntry, Base, Edge, IdempotencyKey, Meta,
-                                Metric, Registration, Run, RunOwner, Schedule, StageExecution, utcnow)
+                                Metric, Registration, Run, RunOwner, Schedule, StageExecution, TaskCall, utcnow)
 
 __all__ = ["LineageStore", "default_url", "resolve_url", "config_md5", "new_run_id", "valid_md5"]
 
@@ -408,6 +408,38 @@ class LineageStore:
                 s.add(Edge(execution_id=copy.id, artifact_id=edge.artifact_id, direction=edge.direction,
                            role=edge.role))
             return copy.id
+
+    def record_call(self, execution_id: int, fingerprint: str) -> None:
+        """The KFP cache identity of an execution (models.TaskCall), recorded when it starts."""
+        with self.session(write=True) as s:
+            s.add(TaskCall(execution_id=execution_id, fingerprint=fingerprint))
+
+    def record_result(self, execution_id: int, result: str) -> None:
+        """What the execution's task returned (the next tasks' input)."""
+        with self.session(write=True) as s:
+            call = s.get(TaskCall, execution_id)
+            if call is None:
+                raise LineageError(f"execution {execution_id} has no recorded call")
+            call.result = result
+
+    def call_of(self, execution_id: int) -> TaskCall | None:
+        with self.session() as s:
+            return s.get(TaskCall, execution_id)
+
+    def original_call(self, stage: str, fingerprint: str, backend: str) -> tuple[StageExecution, str] | None:
+        """The latest execution of `stage` with `fingerprint` in a run on `backend` that did the
+        work and succeeded, with what it returned: the execution a KFP cache hit on that
+        fingerprint reuses (a local run's is not in a cluster's cache, and its training may have
+        come out otherwise)."""
+        with self.session() as s:
+            row = s.execute(select(StageExecution, TaskCall.result)
+                            .join(TaskCall, TaskCall.execution_id == StageExecution.id)
+                            .join(Run, Run.id == StageExecution.run_id)
+                            .where(TaskCall.fingerprint == fingerprint, TaskCall.result.is_not(None),
+                                   StageExecution.stage == stage, StageExecution.status == "succeeded",
+                                   StageExecution.cached.is_(False), Run.backend == backend)
+                            .order_by(StageExecution.id.desc()).limit(1)).first()
+            return (row[0], row[1]) if row is not None else None
 
     def record_metric_series(self, run_id: str, execution_id: int, series: list[tuple[int, Mapping[str, float]]]) -> int:
         """Per-step values of a training execution (loss curves) in one transaction; non-finite and

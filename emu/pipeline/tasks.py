@@ -107,6 +107,11 @@ class Execution:
         self.outputs[role] = ref.md5
         return ref.md5
 
+    def result(self, value: str) -> str:
+        """What the task returns (the next tasks' input), recorded with its call."""
+        lineage().record_result(self.id, value)
+        return value
+
     def stamp(self, *artifacts) -> None:
         """Mark KFP artifacts as this execution's (cached reruns link back through it)."""
         for artifact in artifacts:
@@ -126,12 +131,17 @@ class Execution:
 
 
 @contextmanager
-def execution(stage: str, config: Any, inputs: dict[str, tuple[str, str]]) -> Iterator[Execution]:
+def execution(stage: str, config: Any, inputs: dict[str, tuple[str, str]], call: dict[str, str]) -> Iterator[Execution]:
     """Record the task around its body; a failure is recorded with its error and re-raised.
-    `inputs`: role -> (md5, artifact type) of each input (the md5s the pipeline passes)."""
+    `inputs`: role -> (md5, artifact type) of each input (the md5s the pipeline passes); `call`:
+    every parameter of the task's component, as KFP passes them (its cache identity:
+    emu.pipeline.cached_lineage)."""
+    from emu.pipeline.cached_lineage import fingerprint
+
     store = lineage()
     run_id = current_run_id()
     execution_id = store.start_execution(run_id, stage, config=to_dict(config) if config is not None else None)
+    store.record_call(execution_id, fingerprint(stage, call))
     for role, (md5, type_) in inputs.items():
         if md5:
             store.link(execution_id, store.record_artifact(md5, None, None, type_, name=role), "in", role)
@@ -189,7 +199,8 @@ def _training_metrics(run: Execution, out: Path, artifact) -> None:
 
 # ---- the tasks ------------------------------------------------------------------------------------
 
-def prepare_task(*, source: str, preset: str, synth_config: str, import_config: str, dataset) -> str:
+def prepare_task(*, source: str, source_md5: str, preset: str, synth_config: str, import_config: str,
+                 code_version: str, dataset) -> str:
     """Shard datasets into the dataset's work folder: the synthetic world when `source` is empty, else a copy of
     a folder / s3:// prefix of datasets, or a DVC md5 pulled from the remote."""
     from emu.data.prepare import import_sources
@@ -198,7 +209,10 @@ def prepare_task(*, source: str, preset: str, synth_config: str, import_config: 
     synth = stage_config("synth", preset, synth_config)
     importing = stage_config("import", preset, import_config)
     out = work_folder(dataset)
-    with execution("prepare", {"source": source, "synth": to_dict(synth), "import": to_dict(importing)}, {}) as run:
+    call = {"source": source, "source_md5": source_md5, "preset": preset, "synth_config": synth_config,
+            "import_config": import_config, "code_version": code_version}
+    with execution("prepare", {"source": source, "synth": to_dict(synth), "import": to_dict(importing)}, {},
+                   call) as run:
         if not source:
             with tempfile.TemporaryDirectory(prefix="emu-synth-") as tmp:
                 generate(Path(tmp) / "raw", synth)
@@ -209,14 +223,15 @@ def prepare_task(*, source: str, preset: str, synth_config: str, import_config: 
             from emu.artifacts.s3 import resolve_local
 
             shutil.copytree(resolve_local(source), out, dirs_exist_ok=False)
-        return run.output("dataset", out, "dataset", dataset)
+        return run.result(run.output("dataset", out, "dataset", dataset))
 
 
-def validate_task(*, dataset_md5: str, preset: str, config: str, report, metrics) -> str:
+def validate_task(*, dataset_md5: str, preset: str, config: str, code_version: str, report, metrics) -> str:
     from emu.validate.gate import run_gate
 
     cfg = stage_config("validate", preset, config)
-    with execution("validate", cfg, {"dataset": (dataset_md5, "dataset")}) as run:
+    call = {"dataset_md5": dataset_md5, "preset": preset, "config": config, "code_version": code_version}
+    with execution("validate", cfg, {"dataset": (dataset_md5, "dataset")}, call) as run:
         folder = work_folder(report)
         result = run_gate(input_folder(dataset_md5, "dataset"), folder, cfg)
         Path(report.path).write_text(_gate_html(result.summary_lines()), encoding="utf-8")
@@ -225,17 +240,20 @@ def validate_task(*, dataset_md5: str, preset: str, config: str, report, metrics
         run.metrics({"passed": float(result.passed)}, metrics)
         if not result.passed:
             raise RuntimeError("the data failed validation:\n" + "\n".join(result.summary_lines()))
-        return "passed"
+        return run.result("passed")
 
 
-def stage1_task(*, dataset_md5: str, preset: str, config: str, model_config: str, model, metrics) -> str:
+def stage1_task(*, dataset_md5: str, preset: str, config: str, model_config: str, code_version: str, model,
+                metrics) -> str:
     from emu.cluster import launch
     from emu.train.stages import stage1
 
     cfg = stage_config("stage1", preset, config)
     architecture = stage_config("model", preset, model_config)
+    call = {"dataset_md5": dataset_md5, "preset": preset, "config": config, "model_config": model_config,
+            "code_version": code_version}
     with execution("stage1", {"stage1": to_dict(cfg), "model": to_dict(architecture)},
-                   {"dataset": (dataset_md5, "dataset")}) as run:
+                   {"dataset": (dataset_md5, "dataset")}, call) as run:
         dataset, out = input_folder(dataset_md5, "dataset"), work_folder(model)
         location = attach_checkpoints(out, "stage1", resume_key("stage1", config=to_dict(cfg), model=to_dict(architecture),
                                                      dataset=dataset_md5))
@@ -244,35 +262,39 @@ def stage1_task(*, dataset_md5: str, preset: str, config: str, model_config: str
         launch.train("stage1", {"stage1": cfg, "model": architecture}, {"dataset": (dataset, dataset_md5)},
                      sources, out, lambda: stage1(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
-        return run.output("model", out / "model", "model", model)
+        return run.result(run.output("model", out / "model", "model", model))
 
 
-def precompute_task(*, dataset_md5: str, model_md5: str, preset: str, config: str, embeddings) -> str:
+def precompute_task(*, dataset_md5: str, model_md5: str, preset: str, config: str, code_version: str,
+                    embeddings) -> str:
     from emu.cluster import ray_launch
     from emu.precompute.job import run_precompute
 
     cfg = stage_config("precompute", preset, config)
-    with execution("precompute", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model")}) as run:
+    call = {"dataset_md5": dataset_md5, "model_md5": model_md5, "preset": preset, "config": config,
+            "code_version": code_version}
+    with execution("precompute", cfg, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model")},
+                   call) as run:
         dataset, out = input_folder(dataset_md5, "dataset"), work_folder(embeddings)
         # The encoder never reads the LM: at 37B that is most of the export (Emu2 section 2.1).
         model = input_folder(model_md5, "model", skip=("lm/",))
         sources = training_sources(dataset, preset)
         ray_launch.precompute(cfg, (dataset, dataset_md5), (model, model_md5), sources, out,
                               lambda: run_precompute(sources, str(model), out, cfg))
-        return run.output("embeddings", out, "embeddings", embeddings)
+        return run.result(run.output("embeddings", out, "embeddings", embeddings))
 
 
-def stage2_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str, model,
-                metrics) -> str:
+def stage2_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str,
+                code_version: str, model, metrics) -> str:
     from emu.train.stages import stage2
 
     return _train_on_embeddings("stage2", stage2, dataset_md5=dataset_md5, init_md5=init_md5,
-                                embeddings_md5=embeddings_md5, preset=preset, config=config, model=model,
-                                metrics=metrics)
+                                embeddings_md5=embeddings_md5, preset=preset, config=config,
+                                code_version=code_version, model=model, metrics=metrics)
 
 
-def decoder_task(*, dataset_md5: str, encoder_md5: str, preset: str, config: str, decoder_config: str, decoder,
-                 metrics) -> str:
+def decoder_task(*, dataset_md5: str, encoder_md5: str, preset: str, config: str, decoder_config: str,
+                 code_version: str, decoder, metrics) -> str:
     import dataclasses
 
     from emu.cluster import launch
@@ -280,8 +302,10 @@ def decoder_task(*, dataset_md5: str, encoder_md5: str, preset: str, config: str
 
     base = stage_config("decoder", preset, config)
     architecture = stage_config("visual_decoder", preset, decoder_config)
+    call = {"dataset_md5": dataset_md5, "encoder_md5": encoder_md5, "preset": preset, "config": config,
+            "decoder_config": decoder_config, "code_version": code_version}
     with execution("decoder", {"decoder": to_dict(base), "visual_decoder": to_dict(architecture)},
-                   {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}) as run:
+                   {"dataset": (dataset_md5, "dataset"), "encoder": (encoder_md5, "model")}, call) as run:
         dataset, encoder = input_folder(dataset_md5, "dataset"), input_folder(encoder_md5, "encoder")
         cfg, out = dataclasses.replace(base, encoder=str(encoder)), work_folder(decoder)
         location = attach_checkpoints(out, "decoder", resume_key("decoder", config=to_dict(base), model=to_dict(architecture),
@@ -293,20 +317,20 @@ def decoder_task(*, dataset_md5: str, encoder_md5: str, preset: str, config: str
                      {"dataset": (dataset, dataset_md5), "encoder": (encoder, encoder_md5)},
                      sources, out, lambda: train_decoder(cfg, architecture, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
-        return run.output("decoder", out / "decoder", "decoder", decoder)
+        return run.result(run.output("decoder", out / "decoder", "decoder", decoder))
 
 
-def instruct_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str, model,
-                  metrics) -> str:
+def instruct_task(*, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str, config: str,
+                  code_version: str, model, metrics) -> str:
     from emu.train.stages import instruct
 
     return _train_on_embeddings("instruct", instruct, dataset_md5=dataset_md5, init_md5=init_md5,
-                                embeddings_md5=embeddings_md5, preset=preset, config=config, model=model,
-                                metrics=metrics)
+                                embeddings_md5=embeddings_md5, preset=preset, config=config,
+                                code_version=code_version, model=model, metrics=metrics)
 
 
 def _train_on_embeddings(stage: str, train, *, dataset_md5: str, init_md5: str, embeddings_md5: str, preset: str,
-                         config: str, model, metrics) -> str:
+                         config: str, code_version: str, model, metrics) -> str:
     """A stage that starts from the previous stage's model and reads precomputed embeddings
     (stage 2, instruction tuning): train, record curves and shard lineage, version the model."""
     import dataclasses
@@ -314,8 +338,10 @@ def _train_on_embeddings(stage: str, train, *, dataset_md5: str, init_md5: str, 
     from emu.cluster import launch
 
     base = stage_config(stage, preset, config)
+    call = {"dataset_md5": dataset_md5, "init_md5": init_md5, "embeddings_md5": embeddings_md5, "preset": preset,
+            "config": config, "code_version": code_version}
     with execution(stage, base, {"dataset": (dataset_md5, "dataset"), "init": (init_md5, "model"),
-                                 "embeddings": (embeddings_md5, "embeddings")}) as run:
+                                 "embeddings": (embeddings_md5, "embeddings")}, call) as run:
         dataset, init = input_folder(dataset_md5, "dataset"), input_folder(init_md5, "init")
         embeddings, out = input_folder(embeddings_md5, "embeddings"), work_folder(model)
         cfg = dataclasses.replace(base, init=str(init), precomputed=str(embeddings))
@@ -327,11 +353,11 @@ def _train_on_embeddings(stage: str, train, *, dataset_md5: str, init_md5: str, 
                                            "embeddings": (embeddings, embeddings_md5)},
                      sources, out, lambda: train(cfg, sources, out), checkpoints=location)
         _training_metrics(run, out, metrics)
-        return run.output("model", out / "model", "model", model)
+        return run.result(run.output("model", out / "model", "model", model))
 
 
-def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset: str, config: str, metrics, report,
-                  summary, production: str = "") -> str:
+def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset: str, config: str,
+                  code_version: str, metrics, report, summary, production: str = "") -> str:
     """Benchmarks, then the promotion gate: against the configured baseline file, else the
     production model named by `production` (the registry's at submission, a cache-key input:
     `production_reference`; no regression beyond the tolerance), else, with no production model
@@ -344,8 +370,10 @@ def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset:
     from emu.evaluate.report import Section
 
     base = stage_config("evaluate", preset, config)
+    call = {"dataset_md5": dataset_md5, "model_md5": model_md5, "decoder_md5": decoder_md5, "preset": preset,
+            "config": config, "code_version": code_version, "production": production}
     with execution("evaluate", base, {"dataset": (dataset_md5, "dataset"), "model": (model_md5, "model"),
-                                      "decoder": (decoder_md5, "decoder")}) as run:
+                                      "decoder": (decoder_md5, "decoder")}, call) as run:
         cfg = dataclasses.replace(base, data_root=str(input_folder(dataset_md5, "dataset")))
         out = work_folder(metrics)
         result = evaluate(cfg, str(input_folder(model_md5, "model")), out,
@@ -364,7 +392,7 @@ def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset:
         run.output("evaluation", out, "metrics")
         run.stamp(report, summary)
         metrics.metadata["gate_reasons"] = gate["reasons"]
-        return "true" if gate["passed"] else "false"
+        return run.result("true" if gate["passed"] else "false")
 
 
 #: The promotion gate's verdict per metric, in the evaluation folder (the CLI summary and the
@@ -441,12 +469,14 @@ def _chance_of(metric: str) -> str:
     return metric + "_chance"
 
 
-def register_task(*, model_md5: str, decoder_md5: str, evaluation, production: str = "") -> str:
+def register_task(*, model_md5: str, decoder_md5: str, code_version: str, evaluation, production: str = "") -> str:
     """Promote the model and decoder that passed the gate: the registry's production pointer.
     Refused when the registry's production model is no longer the one the gate compared with
     (`production`: another run promoted one since): that verdict says nothing about the new one."""
     store = lineage()
-    with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")}) as run:
+    call = {"model_md5": model_md5, "decoder_md5": decoder_md5, "code_version": code_version, "production": production}
+    with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")},
+                   call) as run:
         if production_reference(store) != production:
             raise RuntimeError(f"the gate compared with production {production or '(none)'}, but the registry's "
                                f"is now {production_reference(store) or '(none)'}: run the pipeline again")
@@ -457,14 +487,14 @@ def register_task(*, model_md5: str, decoder_md5: str, evaluation, production: s
             # The same model evaluated again (a re-run with new evaluation settings): it is
             # production already; a second version of one md5 would make the registry lie.
             log.info("model %s is production already as %s; nothing to register", model_md5, production.version)
-            return production.version
+            return run.result(production.version)
         version = store.promote(run.run_id, model_md5=model_md5, decoder_md5=decoder_md5, metrics=values)
         started = store.get_run(run.run_id)
         # The audit log names whoever started the run whose gate promoted this model.
         store.audit((started.triggered_by if started else None) or "pipeline", "model.promote", run.run_id,
                     {"model_md5": model_md5, "decoder_md5": decoder_md5, "by": "evaluation gate"}, f"ok: {version}")
         log.info("registered %s as production (model %s, decoder %s)", version, model_md5, decoder_md5)
-        return version
+        return run.result(version)
 
 
 #: KFP run and task states -> lineage run statuses (a run still going keeps `running`).
@@ -473,14 +503,22 @@ KFP_STATES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "cancell
               "PAUSED": "running"}
 
 
-def finish_task(*, state: str, error: str) -> str:
-    """End the run's lineage record with the state KFP gives a cluster run's exit handler (its
-    `PipelineTaskFinalStatus`); executions still open end with it. A run no task recorded (every
-    task served from the cache, started from the KFP UI) is recorded here, so it is not lost.
-    Returns the status recorded."""
+def finish_task(*, state: str, error: str, arguments: dict[str, str]) -> str:
+    """The exit handler of a cluster run. First the tasks KFP served from its cache get their
+    cached executions, found from the pipeline's `arguments` (emu.pipeline.cached_lineage); then
+    the run's lineage record ends with the state KFP gives the handler (its
+    `PipelineTaskFinalStatus`), and so do executions still open. A run no task recorded (started
+    from the KFP UI, every task cached) is recorded here, so it is not lost. Returns the status."""
+    from emu.pipeline.cached_lineage import compiled_wiring, record_reused
+
     store = lineage()
     run_id = current_run_id()
     status = KFP_STATES.get(state.upper(), "failed")
+    try:
+        cached = record_reused(store, run_id, arguments, compiled_wiring(), run_succeeded=status == "succeeded")
+        log.info("run %s: served from the cache: %s", run_id, ", ".join(cached) or "no task")
+    except Exception as exc:  # the run's end matters more than its cached tasks' records
+        log.warning("run %s: the cached tasks could not be recorded: %s: %s", run_id, type(exc).__name__, exc)
     if status == "succeeded":
         store.update_run(run_id, status="succeeded", error=None)
     else:  # an exit handler runs once the run is over: nothing is still going

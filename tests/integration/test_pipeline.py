@@ -206,6 +206,30 @@ def test_unchanged_rerun_is_served_from_cache(first):
     assert again.evaluation == first[1].evaluation
 
 
+def test_a_cluster_run_records_its_cached_tasks_as_kfp_local_does(first):
+    """On a cluster a cached task runs nothing; the exit handler finds the execution it reused from
+    the pipeline's arguments and the tasks' recorded calls (emu.pipeline.cached_lineage). The
+    same arguments must find exactly the originals kfp.local's cache entries name."""
+    from emu.pipeline.cached_lineage import compiled_wiring, record_reused
+    from emu.pipeline.runner import parameters
+
+    preset, _ = first
+    request = RunRequest(preset=str(preset))
+    local_run = run_local(request)
+    assert local_run.status == "succeeded" and stages(local_run, cached=False) == []
+    store = LineageStore()
+    local = {e.stage: e.cached_from for e in store.list_executions(local_run.run_id)}
+    # Recorded as a cluster run's is before the exit handler runs: nothing but the run itself (on
+    # the local backend, whose executions it reused).
+    cluster_run = store.create_run(trigger="schedule", kfp_run_id="kfp-cached", status="running")
+    recorded = record_reused(store, cluster_run.id, parameters(request), compiled_wiring(), run_succeeded=True)
+    assert sorted(recorded) == sorted(local), "the same tasks are found cached"
+    found = {e.stage: e.cached_from for e in store.list_executions(cluster_run.id) if e.cached}
+    # kfp.local's entry names no original for a task without output artifacts (register).
+    assert {s: o for s, o in found.items() if local[s] is not None} == {s: o for s, o in local.items() if o}
+    assert all(store.get_execution(o).stage == s and not store.get_execution(o).cached for s, o in found.items())
+
+
 def test_changed_stage2_setting_reruns_stage2_onward_only(first):
     preset, _ = first
     changed = run_local(RunRequest(preset=str(preset), overrides=["stage2.lr=2e-3"]))

@@ -2,7 +2,7 @@
 --host` creates it with (fixed at creation), executed by kfp.local at each firing. New data at the
 source between two firings retrains; the same data is served from the cache after `prepare`; and
 each firing's lineage record is ended by the package's exit handler, as nothing else ends a run
-that KFP starts."""
+that KFP starts, after it recorded the tasks KFP served from its cache."""
 
 import dataclasses
 import shutil
@@ -68,8 +68,12 @@ def test_a_recurring_run_retrains_on_new_data_and_is_cached_on_the_same(tmp_path
     assert TRAINING <= set(first), sorted(first)
 
     same = fire(2)
-    assert set(same) == {"prepare"}, f"the same data re-ran {sorted(set(same) - {'prepare'})}"
+    ran = {stage for stage, e in same.items() if not e.cached}
+    assert ran == {"prepare"}, f"the same data re-ran {sorted(ran - {'prepare'})}"
     assert dataset_md5(same) == dataset_md5(first)
+    # The exit handler recorded what KFP served from its cache, each pointing at firing 1's work.
+    assert {stage: e.cached_from for stage, e in same.items() if e.cached} == \
+        {stage: e.id for stage, e in first.items() if stage != "prepare"}
 
     shapes_world(source, preset, seed=1)
     new = fire(3)

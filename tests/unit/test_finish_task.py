@@ -23,7 +23,7 @@ def test_a_failed_run_ends_failed_with_its_error_and_open_executions(store):
     done = store.start_execution(run.id, "stage1")
     store.finish_execution(done, "succeeded")
     open_one = store.start_execution(run.id, "stage2")  # its pod was killed: it never recorded its end
-    assert finish_task(state="FAILED", error="task stage2 failed: OOMKilled") == "failed"
+    assert finish_task(state="FAILED", error="task stage2 failed: OOMKilled", arguments={}) == "failed"
     ended = store.get_run(run.id)
     assert ended.status == "failed" and ended.error == "task stage2 failed: OOMKilled" and ended.ended_at
     assert store.get_execution(open_one).status == "failed"
@@ -32,7 +32,7 @@ def test_a_failed_run_ends_failed_with_its_error_and_open_executions(store):
 
 def test_a_cancelled_run_ends_cancelled(store):
     run = store.create_run(backend="kfp", kfp_run_id="kfp-run-1", status="running")
-    assert finish_task(state="CANCELED", error="") == "cancelled"
+    assert finish_task(state="CANCELED", error="", arguments={}) == "cancelled"
     assert store.get_run(run.id).status == "cancelled"
     assert "CANCELED" in store.get_run(run.id).error
 
@@ -40,6 +40,6 @@ def test_a_cancelled_run_ends_cancelled(store):
 def test_a_run_every_task_of_which_was_cached_is_still_recorded(store):
     """Started from the KFP UI, served from the cache: no task ran to record it."""
     assert store.get_run_by_kfp_id("kfp-run-1") is None
-    assert finish_task(state="SUCCEEDED", error="") == "succeeded"
+    assert finish_task(state="SUCCEEDED", error="", arguments={}) == "succeeded"
     run = store.get_run_by_kfp_id("kfp-run-1")
     assert run.status == "succeeded" and run.backend == "kfp" and run.ended_at

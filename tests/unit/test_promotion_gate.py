@@ -103,6 +103,7 @@ def test_register_refuses_when_production_changed_since_the_gate(store, monkeypa
     store.promote(store.create_run(status="succeeded").id, model_md5="a" * 32, decoder_md5=None, metrics={})
     with pytest.raises(RuntimeError,
                        match=r"the gate compared with production \(none\), but the registry's is now v1:a{32}"):
-        register_task(model_md5="b" * 32, decoder_md5="c" * 32, evaluation=_Evaluation(), production="")
-    assert register_task(model_md5="b" * 32, decoder_md5="c" * 32, evaluation=_Evaluation(),
+        register_task(model_md5="b" * 32, decoder_md5="c" * 32, code_version="", evaluation=_Evaluation(),
+                      production="")
+    assert register_task(model_md5="b" * 32, decoder_md5="c" * 32, code_version="", evaluation=_Evaluation(),
                          production="v1:" + "a" * 32) == "v2"
