@@ -117,20 +117,35 @@ def record_reused(store, run_id: str, arguments: Mapping[str, str], tasks: list[
 
 
 def compiled_wiring() -> list[TaskWiring]:
-    """The wiring of the pipeline this code compiles (resources do not change it)."""
+    """The wiring of the pipeline this code compiles (resources do not change it). Compiled in a
+    fresh interpreter without `_KFP_RUNTIME`: in a KFP task (and what it starts) that variable
+    makes kfp.dsl import only what an executor needs, and compiling fails on a circular import."""
+    import os
+    import subprocess
+    import sys
     import tempfile
     from pathlib import Path
 
     import yaml
-    from kfp import compiler
 
-    from emu.pipeline.config import PipelineConfig
-    from pipelines.emu_pipeline import build_pipeline
-
+    root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory(prefix="emu-wiring-") as tmp:
         package = Path(tmp) / "pipeline.yaml"
-        compiler.Compiler().compile(build_pipeline(PipelineConfig(), close_run_on_exit=True), str(package))
+        env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+        done = subprocess.run([sys.executable, "-c", _COMPILE, str(package)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"compiling the pipeline failed: {done.stderr.strip()[-2000:]}")
         return wiring(next(yaml.safe_load_all(package.read_text(encoding="utf-8"))))
+
+
+_COMPILE = """
+import sys
+from kfp import compiler
+from emu.pipeline.config import PipelineConfig
+from pipelines.emu_pipeline import build_pipeline
+compiler.Compiler().compile(build_pipeline(PipelineConfig(), close_run_on_exit=True), sys.argv[1])
+"""
 
 
 class _PipelineInputs(dict):
