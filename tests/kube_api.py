@@ -17,8 +17,9 @@ Initializing, as with KubeRay.
 KubeAPI plays the Trainer controller for a created TrainJob: on the first GET its node pods are
 Running and start logging `lines`; once their logs are written the job ends in `outcome`
 ("Complete" or "Failed", with `exit_code` on a failed node). With `drop_after`, the first log
-stream of each pod breaks off after that many lines (a dropped connection) while the pod runs on;
-a later request gets the whole log again (a window wider than it). The real kubernetes client
+stream of each pod breaks off after that many lines (a dropped connection) while the pod runs on,
+or, with `exit_on_drop`, as its container exits; a later request gets the whole log again (a
+window wider than it). The real kubernetes client
 talks to it through `client()`.
 """
 
@@ -60,9 +61,9 @@ def _chunk(wfile, line: str) -> None:
 
 class KubeAPI:
     def __init__(self, outcome: str = "Complete", lines: int = 3, exit_code: int = 0, reason: str = "",
-                 drop_after: int = 0) -> None:
+                 drop_after: int = 0, exit_on_drop: bool = False) -> None:
         self.outcome, self.lines, self.exit_code, self.reason = outcome, lines, exit_code, reason
-        self.drop_after = drop_after
+        self.drop_after, self.exit_on_drop = drop_after, exit_on_drop
         #: (pod, query) of every log request
         self.log_requests: list[tuple[str, dict]] = []
         self.created: list[dict] = []
@@ -154,6 +155,9 @@ class KubeAPI:
                     self.end_headers()
                     for i in range(api.lines):
                         if first and api.drop_after and i == api.drop_after:
+                            if api.exit_on_drop:  # the container exits as its stream breaks
+                                with api._lock:
+                                    api._logged.add(pod)
                             self.connection.shutdown(socket.SHUT_RDWR)  # broken off mid-stream
                             self.close_connection = True
                             return None

@@ -142,12 +142,15 @@ def _follow(core, namespace: str, pod: str, container: str, selector: str, strea
             poll_s: float) -> None:
     """Copy one pod's log, line by line, as it is written. A stream that ends while the container
     still runs (an API server or kubelet restart, a dropped connection) is opened again where it
-    stopped: the kubelet stamps each line (`timestamps=True`), a reopened stream starts a minute
-    before the last line printed, and lines up to that one are skipped."""
+    stopped: the kubelet stamps each line (`timestamps=True`), a reopened stream starts five
+    minutes before the last line printed (room for clock skew between this pod and the node), and
+    lines up to that one are skipped. A stream that broke off is always read once more before the
+    container's state is asked, so the last lines of a container that just exited (a failing
+    node's traceback) are not lost."""
     last: tuple[str, int] | None = None
     failures = 0
     while True:
-        window = {} if last is None else {"since_seconds": int(time.time() - _epoch(last)) + 60}
+        window = {} if last is None else {"since_seconds": max(1, int(time.time() - _epoch(last)) + 300)}
         try:
             response = core.read_namespaced_pod_log(pod, namespace, container=container, follow=True, timestamps=True,
                                                     _preload_content=False, **window)
@@ -158,16 +161,16 @@ def _follow(core, namespace: str, pod: str, container: str, selector: str, strea
                 last = stamp or last
                 with lock:
                     print(f"[{pod}] {text}", file=stream, flush=True)
-            failures = 0
+            failures, ended = 0, True
         except Exception as exc:  # a dropped stream: the job's own watch decides whether it failed
-            failures += 1
+            failures, ended = failures + 1, False
             if failures > _API_RETRIES:
                 with lock:
                     print(f"[{pod}] log stream lost ({type(exc).__name__}: {exc}); the job goes on", file=stream,
                           flush=True)
                 return
         try:
-            if not _still_running(core, namespace, pod, container, selector):
+            if ended and not _still_running(core, namespace, pod, container, selector):
                 return
         except Exception:  # the API is away: look again after the wait
             failures += 1

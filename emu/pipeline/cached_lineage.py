@@ -4,10 +4,10 @@ A cached task runs nothing, so nothing of ours records it. On this machine `emu 
 kfp.local's cache entries (emu.pipeline.runner.record_cached_tasks). On a cluster the run's exit
 handler (emu.pipeline.tasks.finish_task) rebuilds the same record from two facts:
 
-  * every input of a task is a parameter (DVC md5s, configs, its code version: emu.pipeline.handoff),
-    so KFP's cache entry for a task is determined by its stage and parameter values: its
-    `fingerprint`, which each task records when it starts, with the value it returns
-    (models.TaskCall);
+  * every input of a task is a parameter (DVC md5s, configs, its code version: emu.pipeline.handoff;
+    register's metrics artifact aside), so KFP's cache entry for a task is determined by its
+    stage, image and parameter values: its `fingerprint`, which each task records when it starts,
+    with the value it returns (models.TaskCall);
   * the compiled pipeline says where each parameter of each task comes from (a pipeline
     parameter, a constant, or what an upstream task returned) and which condition gates it.
 
@@ -32,8 +32,16 @@ Source = tuple[str, str]
 
 
 def fingerprint(stage: str, parameters: Mapping[str, str]) -> str:
-    """The KFP cache identity of a call of `stage`'s task with `parameters` (its parameter values)."""
-    canonical = json.dumps({"stage": stage, "parameters": {k: str(v) for k, v in parameters.items()}},
+    """The KFP cache identity of a call of `stage`'s task with `parameters` (its parameter values)
+    in this image (its digest, $EMU_IMAGE_DIGEST: KFP's key holds the image too). Left out, as it
+    changes nothing the fingerprint must tell apart: register's `evaluation` metrics artifact,
+    which evaluate's call determines."""
+    import os
+
+    from emu.cluster.image import DIGEST_ENV
+
+    canonical = json.dumps({"stage": stage, "image": os.environ.get(DIGEST_ENV, ""),
+                            "parameters": {k: str(v) for k, v in parameters.items()}},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -566,7 +566,9 @@ def submit(request: RunRequest, package: Path | None = None) -> str:
     client = kfp.Client(host=request.host)
     try:
         # The pods run as the platform's service account (infra/k8s: it may create TrainJobs).
-        result = client.create_run_from_pipeline_package(str(package), arguments=args, enable_caching=True,
+        # enable_caching=None keeps each task's compiled caching option (True would cache `finish`
+        # and a `prepare` that must read its source).
+        result = client.create_run_from_pipeline_package(str(package), arguments=args, enable_caching=None,
                                                          service_account=config.service_account)
     except Exception as exc:
         raise EmuError(f"cannot submit to {request.host}: {type(exc).__name__}: {exc}") from None

@@ -158,7 +158,8 @@ def _create_recurring_run(*, cron: str, name: str, host: str, preset: str, data:
         experiment = client.create_experiment(name="emu")
         job = client.create_recurring_run(experiment_id=experiment.experiment_id, job_name=name or f"emu-{preset}",
                                           cron_expression=cron, max_concurrency=1, no_catchup=True,
-                                          pipeline_package_path=str(package), params=args, enable_caching=True)
+                                          pipeline_package_path=str(package), params=args,
+                                          enable_caching=None)  # each task's compiled option
     except Exception as exc:
         raise EmuError(f"cannot create a recurring run on {host}: {type(exc).__name__}: {exc}") from None
     return {"id": job.recurring_run_id, "name": job.display_name, "cron": cron, "next": "set by KFP"}

@@ -497,10 +497,12 @@ def register_task(*, model_md5: str, decoder_md5: str, code_version: str, evalua
         return run.result(version)
 
 
-#: KFP run and task states -> lineage run statuses (a run still going keeps `running`).
-KFP_STATES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELED": "cancelled", "CANCELLED": "cancelled",
-              "SKIPPED": "cancelled", "PENDING": "running", "RUNNING": "running", "CANCELING": "running",
-              "PAUSED": "running"}
+#: KFP run and task states -> lineage run statuses (a run still going keeps `running`). An exit
+#: handler's PipelineTaskFinalStatus.state is MLMD's execution state on backends that keep one
+#: (COMPLETE, FAILED, CANCELED), the run's state elsewhere (SUCCEEDED, ...): both are read.
+KFP_STATES = {"SUCCEEDED": "succeeded", "COMPLETE": "succeeded", "CACHED": "succeeded", "FAILED": "failed",
+              "CANCELED": "cancelled", "CANCELLED": "cancelled", "SKIPPED": "cancelled", "PENDING": "running",
+              "RUNNING": "running", "CANCELING": "running", "PAUSED": "running"}
 
 
 def finish_task(*, state: str, error: str, arguments: dict[str, str]) -> str:
@@ -513,7 +515,11 @@ def finish_task(*, state: str, error: str, arguments: dict[str, str]) -> str:
 
     store = lineage()
     run_id = current_run_id()
-    status = KFP_STATES.get(state.upper(), "failed")
+    status = KFP_STATES.get(state.upper())
+    if status is None:
+        log.warning("run %s: KFP gave the exit handler the state %r, which emu does not know; recorded as failed",
+                    run_id, state)
+        status = "failed"
     try:
         cached = record_reused(store, run_id, arguments, compiled_wiring(), run_succeeded=status == "succeeded")
         log.info("run %s: served from the cache: %s", run_id, ", ".join(cached) or "no task")

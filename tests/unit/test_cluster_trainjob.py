@@ -102,13 +102,14 @@ def test_launch_layout_round_trips_through_the_environment(monkeypatch):
     assert Launch.from_env() == Launch()
 
 
-def test_a_dropped_log_stream_is_reopened_where_it_stopped(tmp_path, monkeypatch):
-    """An API server restart breaks the log stream of a pod that runs on: it is opened again and
-    every line is printed once, in order (the kubelet's stamps, not their string order, say
-    which lines were printed)."""
+@pytest.mark.parametrize("exits", [False, True], ids=["pod-runs-on", "container-exits"])
+def test_a_dropped_log_stream_is_reopened_where_it_stopped(tmp_path, monkeypatch, exits):
+    """An API server restart breaks the log stream of a pod: it is opened again and every line is
+    printed once, in order (the kubelet's stamps, not their string order, say which lines were
+    printed), also when the container exited as the stream broke (its last lines: a traceback)."""
     body = _body(tmp_path, monkeypatch)
     out = io.StringIO()
-    with KubeAPI(outcome="Complete", lines=9, drop_after=5) as api:
+    with KubeAPI(outcome="Complete", lines=9, drop_after=5, exit_on_drop=exits) as api:
         trainjob.run(body, client=api.client(), poll_s=0.05, stream=out)
     name = body["metadata"]["name"]
     lines = out.getvalue().splitlines()
@@ -117,4 +118,4 @@ def test_a_dropped_log_stream_is_reopened_where_it_stopped(tmp_path, monkeypatch
         assert [ln for ln in lines if ln.startswith(f"[{pod}]")] == [f"[{pod}] step {i} on {pod}" for i in range(9)]
         requests = [query for p, query in api.log_requests if p == pod]
         assert len(requests) == 2 and all(q["timestamps"][0].lower() == "true" for q in requests)
-        assert "sinceSeconds" not in requests[0] and int(requests[1]["sinceSeconds"][0]) >= 60
+        assert "sinceSeconds" not in requests[0] and int(requests[1]["sinceSeconds"][0]) >= 300

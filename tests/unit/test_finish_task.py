@@ -30,6 +30,20 @@ def test_a_failed_run_ends_failed_with_its_error_and_open_executions(store):
     assert store.get_execution(done).status == "succeeded"
 
 
+@pytest.mark.parametrize("state", ["SUCCEEDED", "COMPLETE"])
+def test_a_succeeded_run_ends_succeeded_in_either_backend_s_words(store, state):
+    """KFP backends with MLMD give the exit handler MLMD's state (COMPLETE), others the run's."""
+    run = store.create_run(backend="kfp", kfp_run_id="kfp-run-1", status="running")
+    assert finish_task(state=state, error="", arguments={}) == "succeeded"
+    assert store.get_run(run.id).status == "succeeded" and store.get_run(run.id).error is None
+
+
+def test_an_unknown_state_ends_failed_and_names_it(store):
+    run = store.create_run(backend="kfp", kfp_run_id="kfp-run-1", status="running")
+    assert finish_task(state="EXPLODED", error="", arguments={}) == "failed"
+    assert "EXPLODED" in store.get_run(run.id).error
+
+
 def test_a_cancelled_run_ends_cancelled(store):
     run = store.create_run(backend="kfp", kfp_run_id="kfp-run-1", status="running")
     assert finish_task(state="CANCELED", error="", arguments={}) == "cancelled"
