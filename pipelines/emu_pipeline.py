@@ -12,7 +12,8 @@ s3:// URI or a DVC md5; empty = the synthetic shapes world) with its `source_md5
 stage's code version (`<stage>_code_version`: emu.pipeline.code_version, so a change re-runs only
 the stages whose code it touches), the registry's production model at submission (`production`:
 evaluate's gate and register compare with it, so a promotion in between is never answered from a
-stale cache), and one resolved config per stage (JSON; empty = the preset's section). Each task
+stale cache; by default `@run`: looked up when evaluate runs, for runs whose arguments were fixed
+earlier, recurring runs and the KFP UI's), and one resolved config per stage (JSON; empty = the preset's section). Each task
 gets only its own stage's config and the md5 of its inputs, so changing a stage-2 setting re-runs
 stage 2 and what depends on it, and nothing upstream.
 
@@ -38,7 +39,7 @@ from emu.cluster.image import DIGEST_ENV, digest_of, image_reference
 from emu.cluster.launch import LAUNCH_ENV, Launch
 from emu.cluster.ray_launch import RAY_CLUSTER_ENV
 from emu.pipeline.config import PipelineConfig, StageResources
-from emu.pipeline.tasks import KFP_RUN_ENV
+from emu.pipeline.tasks import KFP_RUN_ENV, PRODUCTION_AT_RUN
 
 NAME = "emu"
 #: Tasks that train (emu.cluster.launch decides in process, torchrun over the pod's GPUs, or a TrainJob).
@@ -62,7 +63,7 @@ def build_pipeline(config: PipelineConfig, source_read_at_run: bool = False, clo
 
     @dsl.pipeline(name=NAME, description="Emu2-style training: validate, pretrain (2 stages), precompute, "
                                          "decoder, instruction tuning, evaluation, registration.")
-    def emu(preset: str = "tiny", source: str = "", source_md5: str = "", production: str = "",
+    def emu(preset: str = "tiny", source: str = "", source_md5: str = "", production: str = PRODUCTION_AT_RUN,
             prepare_code_version: str = "", validate_code_version: str = "", stage1_code_version: str = "",
             precompute_code_version: str = "", stage2_code_version: str = "", decoder_code_version: str = "",
             instruct_code_version: str = "", evaluate_code_version: str = "", register_code_version: str = "",

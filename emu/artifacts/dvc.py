@@ -305,6 +305,12 @@ class ArtifactStore:
                 os.replace(tmp, target)
         return files
 
+    def uri_of(self, md5: str) -> str:
+        """Where the object of `md5` is (or would be) in the remote: its `.dir` listing for a folder."""
+        check_md5(md5)
+        with self._repo() as repo:
+            return self._uri(self._remote_odb(repo), md5)
+
     def pull_cached(self, md5: str, cache: str | os.PathLike[str], skip: tuple[str, ...] = ()) -> Path:
         """`cache/<md5>`, pulled once per machine: concurrent callers (a node's ranks, a Ray
         node's actors) wait on one lock, and a copy that is complete is used as it is. `skip`:

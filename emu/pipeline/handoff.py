@@ -50,11 +50,12 @@ def work_folder(artifact) -> Path:
     return Path(artifact.path).with_suffix(".d")
 
 
-def write_pointer(artifact, ref, role: str) -> None:
-    """The KFP artifact of an output (`ref`: its emu.artifacts.dvc.ArtifactRef): what it is and
-    where the bytes are (the KFP UI shows this)."""
+def write_pointer(artifact, described: dict, role: str) -> None:
+    """The KFP artifact of an output (`described`: its md5 and remote URI, with its size and file
+    count when known, as emu.artifacts.dvc.ArtifactRef.to_json gives them): what it is and where
+    the bytes are (the KFP UI shows this)."""
     path = Path(artifact.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"role": role, **ref.to_json(),
-                                "restore": f"emu artifacts get {ref.md5} --out DIR"}, indent=1) + "\n",
+    path.write_text(json.dumps({"role": role, **described,
+                                "restore": f"emu artifacts get {described['md5']} --out DIR"}, indent=1) + "\n",
                     encoding="utf-8")

@@ -532,10 +532,12 @@ def evaluation_of(store, run_id: str) -> dict[str, float]:
 
 # ---- cluster runs -------------------------------------------------------------------------------
 
-def compile_pipeline(preset: str, out: Path, overrides: list[str] = (), source_read_at_run: bool = False) -> Path:
-    """Write the pipeline YAML for a cluster, with `preset`'s resources applied and an exit handler
-    that ends the run's lineage record; with `source_read_at_run`, its `prepare` reads the source
-    whenever a run starts (never cached)."""
+def compile_pipeline(preset: str, out: Path, overrides: list[str] = ()) -> Path:
+    """Write the pipeline YAML for a cluster, with `preset`'s resources applied, an exit handler
+    that ends the run's lineage record, and a `prepare` that reads its source whenever a run starts
+    (never cached: a run from the KFP UI or a recurring run names a folder or s3:// prefix whose
+    content may have changed; a DVC md5 costs it one lookup, and every later task caches on the
+    md5 it returns)."""
     from kfp import compiler
 
     from pipelines.emu_pipeline import build_pipeline
@@ -543,7 +545,7 @@ def compile_pipeline(preset: str, out: Path, overrides: list[str] = (), source_r
     config = pipeline_config(RunRequest(preset=preset, overrides=list(overrides)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, source_read_at_run=source_read_at_run, close_run_on_exit=True),
+    compiler.Compiler().compile(build_pipeline(config, source_read_at_run=True, close_run_on_exit=True),
                                   str(out))
     return out
 
@@ -556,10 +558,8 @@ def submit(request: RunRequest, package: Path | None = None) -> str:
 
     from emu.lineage.store import LineageStore
 
-    read_at_run = source_read_at_run(request.source)
-    args = parameters(request, hash_source=not read_at_run)
-    package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides,
-                                          source_read_at_run=read_at_run)
+    args = parameters(request, hash_source=not source_read_at_run(request.source))
+    package = package or compile_pipeline(request.preset, emu_home() / "emu_pipeline.yaml", request.overrides)
     from emu.cluster.image import digest_of, image_reference
 
     config = pipeline_config(request)

@@ -169,16 +169,17 @@ def recurring_run_package(preset: str, data: str, overrides: list[str]) -> tuple
     """The pipeline package and the arguments a KFP recurring run is created with.
 
     KFP fixes both now, for every firing. So a folder or s3:// source is read by `prepare` at each
-    firing (never cached) instead of being hashed once here: new data there gives a new md5 and
+    firing (never cached in a cluster's package: compile_pipeline) instead of being hashed once here: new data there gives a new md5 and
     retrains; the same data gives the same md5, and every task after `prepare` is served from the
     cache (tasks take md5s: emu.pipeline.handoff). The code is the pinned image's for the
     schedule's life (its code versions are computed now): a schedule picks up new code when it is
-    created again with the new image."""
+    created again with the new image. The production model the gate compares with is looked up
+    when each firing's evaluate runs (PRODUCTION_AT_RUN)."""
     from emu.pipeline.runner import RunRequest, compile_pipeline, emu_home, parameters, source_read_at_run
+    from emu.pipeline.tasks import PRODUCTION_AT_RUN
 
-    read_at_run = source_read_at_run(data)
     request = RunRequest(preset=preset, source=data, overrides=overrides, trigger="schedule")
-    args = parameters(request, hash_source=not read_at_run)
-    package = compile_pipeline(preset, emu_home() / "emu_recurring_pipeline.yaml", overrides,
-                               source_read_at_run=read_at_run)
+    # The gate compares with the production model of each firing, not the one of today.
+    args = {**parameters(request, hash_source=not source_read_at_run(data)), "production": PRODUCTION_AT_RUN}
+    package = compile_pipeline(preset, emu_home() / "emu_recurring_pipeline.yaml", overrides)
     return package, args

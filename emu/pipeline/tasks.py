@@ -99,13 +99,31 @@ class Execution:
         artifact_id = store.record_artifact(ref.md5, ref.size, str(path), type_, name=role)
         store.link(self.id, artifact_id, "out", role)
         if artifact is not None:
-            write_pointer(artifact, ref, role)
+            write_pointer(artifact, ref.to_json(), role)
             # Strings only: KFP's local cache keys on input artifacts' metadata, and numbers come
             # back from its JSON store as floats, which would make an identical input look new.
             artifact.metadata.update({"md5": ref.md5, "size": str(ref.size), "execution_id": str(self.id),
                                       "artifact_id": str(artifact_id), "role": role})
         self.outputs[role] = ref.md5
         return ref.md5
+
+    def output_stored(self, role: str, md5: str, type_: str, artifact) -> str:
+        """Output `role` is `md5`, already in the DVC remote (a dataset named by its md5): linked
+        and pointed at without copying a byte."""
+        from emu.errors import SourceError
+        from emu.pipeline.handoff import write_pointer
+
+        store = artifact_store()
+        if not store.exists(md5):
+            raise SourceError(f"--data {md5}: no artifact with this DVC md5 in the remote {store.remote}")
+        uri = store.uri_of(md5)
+        artifact_id = lineage().record_artifact(md5, None, uri, type_, name=role)
+        lineage().link(self.id, artifact_id, "out", role)
+        write_pointer(artifact, {"md5": md5, "uri": uri}, role)
+        artifact.metadata.update({"md5": md5, "execution_id": str(self.id), "artifact_id": str(artifact_id),
+                                  "role": role})
+        self.outputs[role] = md5
+        return md5
 
     def result(self, value: str) -> str:
         """What the task returns (the next tasks' input), recorded with its call."""
@@ -201,8 +219,9 @@ def _training_metrics(run: Execution, out: Path, artifact) -> None:
 
 def prepare_task(*, source: str, source_md5: str, preset: str, synth_config: str, import_config: str,
                  code_version: str, dataset) -> str:
-    """Shard datasets into the dataset's work folder: the synthetic world when `source` is empty, else a copy of
-    a folder / s3:// prefix of datasets, or a DVC md5 pulled from the remote."""
+    """The shard datasets: the synthetic world when `source` is empty, or a copy of a folder / s3://
+    prefix of datasets, written into the dataset's work folder and pushed; or a DVC md5 of the
+    remote, checked there and handed on as it is (the next tasks pull it)."""
     from emu.data.prepare import import_sources
     from emu.data.synth import generate
 
@@ -213,12 +232,12 @@ def prepare_task(*, source: str, source_md5: str, preset: str, synth_config: str
             "import_config": import_config, "code_version": code_version}
     with execution("prepare", {"source": source, "synth": to_dict(synth), "import": to_dict(importing)}, {},
                    call) as run:
+        if _is_md5(source):
+            return run.result(run.output_stored("dataset", source, "dataset", dataset))
         if not source:
             with tempfile.TemporaryDirectory(prefix="emu-synth-") as tmp:
                 generate(Path(tmp) / "raw", synth)
                 import_sources(Path(tmp) / "raw", out, importing)
-        elif _is_md5(source):
-            artifact_store().pull(source, out)
         else:
             from emu.artifacts.s3 import resolve_local
 
@@ -380,8 +399,9 @@ def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset:
                           decoder=str(input_folder(decoder_md5, "decoder")))
         flat = json.loads((out / "kfp_metrics.json").read_text(encoding="utf-8"))
         pipeline = stage_config("pipeline", preset, "")
+        compared = production_at_run(production)
         gate = result.gate if result.gate is not None else promotion_gate(
-            flat, pipeline.gate_metrics, pipeline.gate_tolerance, production_named(production))
+            flat, pipeline.gate_metrics, pipeline.gate_tolerance, production_named(compared))
         (out / GATE_FILE).write_text(json.dumps(gate, indent=1), encoding="utf-8")
         if result.gate is None:  # a baseline gate is in the harness's reports already
             write_reports(out, [*result.sections[:1], Section("Promotion gate", tables=[gate_table(gate)]),
@@ -391,7 +411,7 @@ def evaluate_task(*, dataset_md5: str, model_md5: str, decoder_md5: str, preset:
         Path(summary.path).write_text((out / "report.md").read_text(encoding="utf-8"), encoding="utf-8")
         run.output("evaluation", out, "metrics")
         run.stamp(report, summary)
-        metrics.metadata["gate_reasons"] = gate["reasons"]
+        metrics.metadata.update({"gate_reasons": gate["reasons"], "production": compared})
         return run.result("true" if gate["passed"] else "false")
 
 
@@ -406,6 +426,19 @@ def production_reference(store) -> str:
     promotion evaluates again instead of replaying a verdict against the previous model."""
     current = store.production()
     return f"{current.version}:{current.model_md5}" if current is not None else ""
+
+
+#: The `production` argument of a run that resolves the registry's production model when its
+#: evaluate task runs, not at submission: a KFP recurring run (its arguments are fixed at
+#: creation) and a run started from the KFP UI (the pipeline's default).
+PRODUCTION_AT_RUN = "@run"
+
+
+def production_at_run(reference: str) -> str:
+    """`reference`, or for PRODUCTION_AT_RUN the registry's production model now. Evaluate's cache
+    keys on the argument, so with it a run whose models are unchanged replays the earlier verdict;
+    that run's register is replayed too, and promotes nothing."""
+    return production_reference(lineage()) if reference == PRODUCTION_AT_RUN else reference
 
 
 def production_named(reference: str):
@@ -472,13 +505,15 @@ def _chance_of(metric: str) -> str:
 def register_task(*, model_md5: str, decoder_md5: str, code_version: str, evaluation, production: str = "") -> str:
     """Promote the model and decoder that passed the gate: the registry's production pointer.
     Refused when the registry's production model is no longer the one the gate compared with
-    (`production`: another run promoted one since): that verdict says nothing about the new one."""
+    (`production`: another run promoted one since): that verdict says nothing about the new one.
+    With PRODUCTION_AT_RUN, the model evaluate compared with is in `evaluation`'s metadata."""
     store = lineage()
     call = {"model_md5": model_md5, "decoder_md5": decoder_md5, "code_version": code_version, "production": production}
     with execution("register", None, {"model": (model_md5, "model"), "decoder": (decoder_md5, "decoder")},
                    call) as run:
-        if production_reference(store) != production:
-            raise RuntimeError(f"the gate compared with production {production or '(none)'}, but the registry's "
+        compared = (evaluation.metadata or {}).get("production", "") if production == PRODUCTION_AT_RUN else production
+        if production_reference(store) != compared:
+            raise RuntimeError(f"the gate compared with production {compared or '(none)'}, but the registry's "
                                f"is now {production_reference(store) or '(none)'}: run the pipeline again")
         values = {k: v for k, v in (evaluation.metadata or {}).items() if isinstance(v, (int, float))
                   and not isinstance(v, bool) and k != "gate_passed"}

@@ -56,6 +56,10 @@ def test_compiled_yaml_ends_the_run_in_an_exit_handler():
     assert finish["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
     assert set(root["tasks"]) == {"exit-handler-1", "finish"}, "every task runs inside the handler"
     assert not finish["cachingOptions"].get("enableCache"), "a cached finish would end nothing"
+    inner = next(yaml.safe_load_all((ROOT / "pipelines" / "emu_pipeline.yaml").read_text()))["components"]
+    prepare = inner["comp-exit-handler-1"]["dag"]["tasks"]["prepare"]
+    assert not prepare["cachingOptions"].get("enableCache"), "a UI run's folder source is read when it runs"
+    assert inner["comp-exit-handler-1"]["dag"]["tasks"]["stage1"]["cachingOptions"]["enableCache"]
 
 
 def fast_preset(folder: Path) -> Path:
@@ -228,6 +232,25 @@ def test_a_cluster_run_records_its_cached_tasks_as_kfp_local_does(first):
     # kfp.local's entry names no original for a task without output artifacts (register).
     assert {s: o for s, o in found.items() if local[s] is not None} == {s: o for s, o in local.items() if o}
     assert all(store.get_execution(o).stage == s and not store.get_execution(o).cached for s, o in found.items())
+
+
+def test_a_run_on_the_dataset_md5_copies_nothing_and_reuses_every_later_stage(first, home):
+    """--data MD5 names content the remote holds: prepare checks it and hands it on (no copy),
+    and every task after it caches on that md5, the one the synthetic world's run made."""
+    preset, outcome = first
+    store = LineageStore()
+    [made] = [a.md5 for e in store.list_executions(outcome.run_id) if e.stage == "prepare"
+              for a in store.output_artifacts(e.cached_from or e.id) if a.type == "dataset"]
+    by_md5 = run_local(RunRequest(preset=str(preset), source=made))
+    assert by_md5.status == "succeeded", by_md5.error
+    assert stages(by_md5, cached=False) == ["prepare"]
+    [prepare] = [e for e in store.list_executions(by_md5.run_id) if e.stage == "prepare"]
+    [handed] = store.output_artifacts(prepare.id)
+    assert handed.md5 == made
+    assert any(uri.startswith(str(home / "dvc-remote")) for uri in store.artifact_uris(handed.id)), \
+        "the dataset is pointed at in the remote"
+    copies = [p for p in (home / "kfp").rglob("dataset.d") if p.stat().st_mtime >= prepare.started_at.timestamp()]
+    assert copies == [], "prepare copied the dataset"
 
 
 def test_changed_stage2_setting_reruns_stage2_onward_only(first):

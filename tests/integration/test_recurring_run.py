@@ -46,6 +46,7 @@ def test_a_recurring_run_retrains_on_new_data_and_is_cached_on_the_same(tmp_path
 
     package, args = recurring_run_package(str(preset), str(source), [])
     assert args["source_md5"] == "", "a folder source is read at each firing, not hashed at creation"
+    assert args["production"] == "@run", "the gate compares with each firing's production model"
     loaded = components.load_component_from_file(str(package))
     store = LineageStore()
 

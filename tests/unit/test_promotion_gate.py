@@ -97,6 +97,30 @@ class _Evaluation:
     metadata = {"vqav2_accuracy": 60.0}
 
 
+class _EvaluatedAtRun:
+    """Evaluate's metrics artifact of a run whose production model was looked up at run time."""
+
+    def __init__(self, compared: str) -> None:
+        self.metadata = {"vqav2_accuracy": 60.0, "production": compared}
+
+
+def test_a_production_looked_up_at_run_time_is_the_one_register_checks(store, monkeypatch):
+    """A recurring run's arguments are fixed at creation: its gate compares with the registry's
+    production model when evaluate runs (PRODUCTION_AT_RUN), and register checks that one."""
+    from emu.pipeline.tasks import PRODUCTION_AT_RUN, production_at_run
+
+    run = store.create_run(status="running")
+    monkeypatch.setenv("EMU_RUN_ID", run.id)
+    assert production_at_run(PRODUCTION_AT_RUN) == "" and production_at_run("v9:" + "e" * 32) == "v9:" + "e" * 32
+    store.promote(store.create_run(status="succeeded").id, model_md5="a" * 32, decoder_md5=None, metrics={})
+    assert production_at_run(PRODUCTION_AT_RUN) == "v1:" + "a" * 32, "the registry now, not at creation"
+    with pytest.raises(RuntimeError, match=r"compared with production \(none\), but the registry's is now v1"):
+        register_task(model_md5="b" * 32, decoder_md5="c" * 32, code_version="", production=PRODUCTION_AT_RUN,
+                      evaluation=_EvaluatedAtRun(""))
+    assert register_task(model_md5="b" * 32, decoder_md5="c" * 32, code_version="", production=PRODUCTION_AT_RUN,
+                         evaluation=_EvaluatedAtRun("v1:" + "a" * 32)) == "v2"
+
+
 def test_register_refuses_when_production_changed_since_the_gate(store, monkeypatch):
     run = store.create_run(status="running")
     monkeypatch.setenv("EMU_RUN_ID", run.id)
