@@ -38,10 +38,15 @@ def input_folder(md5: str, role: str, skip: tuple[str, ...] = ()) -> Path:
     if not md5:
         raise SourceError(f"input {role!r} has no md5: the task that makes it returned none")
     store = ArtifactStore(os.environ.get(REMOTE_ENV) or None)
-    if not store.exists(md5):
+    try:
+        return store.pull_cached(md5, input_cache(), skip=skip)
+    except SourceError:
+        # Asked only when the pull failed: a complete local copy needs no look at the remote
+        # (which, for a dataset of many shards, lists every one of them).
+        if store.exists(md5):
+            raise
         raise SourceError(f"input {role!r} ({md5}) is not in the DVC remote {store.remote}: was it garbage-"
-                          f"collected (`emu artifacts keep RUN` protects a run's artifacts from `dvc gc`)?")
-    return store.pull_cached(md5, input_cache(), skip=skip)
+                          f"collected (`emu artifacts keep RUN` protects a run's artifacts from `dvc gc`)?") from None
 
 
 def work_folder(artifact) -> Path:
