@@ -50,6 +50,8 @@ class VisionConfig:
                               f"model.vision.patch_size ({self.patch_size})")
         if self.width % self.heads:
             raise ConfigError(f"model.vision.width ({self.width}) must be divisible by model.vision.heads ({self.heads})")
+        if self.width % 4:  # the 2D sin-cos initial positions give a quarter of the channels to each of sin/cos x row/column
+            raise ConfigError(f"model.vision.width ({self.width}) must be divisible by 4")
         for name in ("layers", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.vision.{name} must be >= 1")

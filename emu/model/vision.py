@@ -93,7 +93,14 @@ class EvaVisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.grid ** 2 + 1, config.width))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.gradient_checkpointing = False
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # Patch positions start as 2D sin-cos (MAE, He et al. 2021, §A.1) rather than ViT's
+        # N(0, 0.02): an encoder trained from scratch keeps so small a signal out of its tokens
+        # (a linear probe read a pooled token's grid cell from it 20% of the time), and the LM can
+        # only say where a shape is if the token it attends to carries its place, because RoPE
+        # moves positions into attention scores, not into the values read (Emu2 starts from
+        # EVA-CLIP, whose tokens carry their place). Released weights overwrite both.
+        with torch.no_grad():
+            self.pos_embed[0, 1:] = sincos_positions(config.grid, config.width)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
@@ -108,6 +115,22 @@ class EvaVisionTransformer(nn.Module):
             else:
                 x = block(x)
         return x
+
+
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """(grid * grid, width) fixed 2D sin-cos embeddings, row-major: the first half of the
+    channels encode the row, the second half the column, each as sin and cos of the index at
+    width / 4 frequencies from 1 down to 1 / 10000 (MAE's `get_2d_sincos_pos_embed`)."""
+    if width % 4:
+        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {width}")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    index = torch.arange(grid, dtype=torch.float64)
+    angles = index[:, None] * frequencies[None]                     # (grid, width / 4)
+    axis = torch.cat((angles.sin(), angles.cos()), dim=1)           # (grid, width / 2)
+    rows = axis[:, None, :].expand(grid, grid, width // 2)
+    cols = axis[None, :, :].expand(grid, grid, width // 2)
+    return torch.cat((rows, cols), dim=2).reshape(grid * grid, width).float()
 
 
 def interpolate_positions(pos_embed_1ND: torch.Tensor, grid: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 from emu.data.tokenizer import GIMG, IMAGE, IMG, image_placeholder, train_tokenizer, video_placeholder
 from emu.model.config import CFormerConfig, EmuConfig, VisionConfig
 from emu.model.emu import IGNORE, EmuModel
-from emu.model.vision import EvaVisionTransformer, pool_patches
+from emu.errors import ConfigError
+from emu.model.vision import EvaVisionTransformer, pool_patches, sincos_positions
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,24 @@ def test_pooling_is_a_row_major_grid_average():
     assert pooled.tolist() == [2.5, 4.5, 10.5, 12.5]
     with pytest.raises(ValueError, match="cannot pool"):
         pool_patches(tokens, 3)
+
+
+def test_patch_positions_start_as_2d_sincos_so_each_pooled_token_carries_its_cell():
+    positions = sincos_positions(4, 4)  # 4x4 grid, width 4: one frequency (1) per axis, sin then cos
+    index = torch.arange(4.0)
+    rows, cols = index.repeat_interleave(4), index.repeat(4)
+    assert_close(positions, torch.stack([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1))
+    torch.manual_seed(0)
+    visual = EvaVisionTransformer(VisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=2, mlp_dim=128))
+    assert_close(visual.pos_embed[0, 1:].detach(), sincos_positions(8, 64))
+    # Pooled to 4x4, the 16 tokens of a blank image are still 16 distinct vectors (with N(0, 0.02)
+    # starts they differed by about 1% of their norm): the LM can read the cell from the token.
+    with torch.no_grad():
+        tokens = pool_patches(visual(torch.zeros(1, 3, 64, 64)), 4)[0]
+    distances = torch.cdist(tokens, tokens) + torch.eye(16) * 1e9
+    assert distances.min() > 0.1 * tokens.norm(dim=-1).mean()
+    with pytest.raises(ConfigError, match=r"model.vision.width \(66\) must be divisible by 4"):
+        VisionConfig(width=66, heads=2)
 
 
 def test_eva_pre_norm_matches_transformers_clip_vision():
