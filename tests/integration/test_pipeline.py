@@ -66,6 +66,8 @@ def fast_preset(folder: Path) -> Path:
     """The tiny preset with a smaller world and a few steps per stage: the same code paths."""
     preset = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     preset["synth"]["scale"] = 0.1
+    for count in ("pairs", "chats", "vqa_train_images", "vqa_images"):  # the defaults: a smaller world
+        preset["synth"].pop(count, None)
     for stage in ("stage1", "stage2", "decoder", "instruct", "instruct_gen"):
         preset[stage]["steps"] = 3
         preset[stage]["runtime"]["progress"] = False
