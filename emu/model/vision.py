@@ -119,8 +119,9 @@ class EvaVisionTransformer(nn.Module):
 
 def sincos_positions(grid: int, width: int) -> torch.Tensor:
     """(grid * grid, width) fixed 2D sin-cos embeddings, row-major: the first half of the
-    channels encode the row, the second half the column, each as sin and cos of the index at
-    width / 4 frequencies from 1 down to 1 / 10000 (MAE's `get_2d_sincos_pos_embed`)."""
+    channels encode the row, the second half the column (MAE's `get_2d_sincos_pos_embed` with its
+    halves swapped), each as sin then cos of the index at width / 4 frequencies
+    1 / 10000 ** (k / (width / 4)), k = 0 .. width / 4 - 1."""
     if width % 4:
         raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {width}")
     quarter = width // 4
