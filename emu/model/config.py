@@ -210,6 +210,14 @@ class DecoderConfig:
     #: trained from scratch in few steps learns the image from its condition faster with v: at
     #: high noise epsilon's target is almost the noisy input, v's is almost the clean image.
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    #: Also give the UNet the visual embeddings where they belong in the image: the n tokens, the
+    #: encoder's sqrt(n) x sqrt(n) pooled grid in raster order, are upsampled (nearest) to the latent
+    #: size and concatenated to the noisy latents as visual_dim extra input channels, besides the
+    #: cross-attention. LDM §3.3 conditions on spatially aligned inputs by concatenation, as SD's
+    #: inpainting and x4-upscaler UNets do. Emu2 uses cross-attention only (false): its UNet starts
+    #: from SDXL and trains on billions of images; a UNet trained from scratch for minutes learns
+    #: what the tokens say long before where each one sits, and draws shapes in the wrong place.
+    spatial_condition: bool = False
     #: How the sampler spaces its inference timesteps (SDXL / Emu2: leading).
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
     #: Offset added to leading-spaced inference timesteps (SDXL / Emu2: 1).

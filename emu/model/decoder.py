@@ -4,6 +4,7 @@
     text_embeds = mean_n(c) (B, D_vis) ┐                  │
     time_ids (B, 6) ───────────────────┴─ SDXL add-embed ─┤
     noisy VAE latents z_t (B, 4, h, w) ───────────────────┴─► UNet ─► predicted noise eps
+    [spatial_condition: c as a sqrt(n) x sqrt(n) grid, upsampled to (h, w), concatenated to z_t]
 
 It is SDXL-base with the cross-attention projections resized to the visual-embedding width and
 "fully trained to solve the new task of autoencoding": the visual encoder and the VAE are frozen and
@@ -45,6 +46,7 @@ only I/O is `save_pretrained` / `from_pretrained` on a local folder, never the H
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,8 @@ def unet_kwargs(config: DecoderConfig) -> dict[str, Any]:
     reads the visual embeddings (the Emu2 values are listed in DecoderConfig's docstring)."""
     return dict(
         sample_size=config.sample_size,
-        in_channels=config.latent_channels,
+        # spatial_condition: the upsampled token grid rides along as visual_dim more input channels
+        in_channels=config.latent_channels + (config.visual_dim if config.spatial_condition else 0),
         out_channels=config.latent_channels,
         down_block_types=tuple(config.unet_down_block_types),
         up_block_types=tuple(config.unet_up_block_types),
@@ -199,6 +202,22 @@ class VisualDecoder(nn.Module):
         official pipeline's `torch.mean(prompt_embeds, dim=1)`), `time_ids` as given."""
         return {"text_embeds": condition_BND.mean(dim=1), "time_ids": time_ids_B6}
 
+    def unet_input(self, latents_BCHW: torch.Tensor, condition_BND: torch.Tensor) -> torch.Tensor:
+        """What the UNet's first convolution reads: the latents, and with `spatial_condition` the
+        condition's sqrt(n) x sqrt(n) token grid upsampled (nearest: each pooled token stands for
+        one block of the image) to the latent size and concatenated as channels. The all-zero
+        unconditional embedding gives all-zero channels, so guidance still contrasts with nothing."""
+        if not self.config.spatial_condition:
+            return latents_BCHW
+        batch, n_tokens, dim = condition_BND.shape
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens:
+            raise ValueError(f"model.decoder.spatial_condition needs a square grid of visual embeddings; "
+                             f"got {n_tokens} tokens")
+        grid = condition_BND.transpose(1, 2).reshape(batch, dim, side, side)
+        grid = F.interpolate(grid.to(latents_BCHW.dtype), size=latents_BCHW.shape[-2:], mode="nearest")
+        return torch.cat([latents_BCHW, grid], dim=1)
+
     def _time_ids(self, time_ids: torch.Tensor | list | tuple, batch: int, device: torch.device) -> torch.Tensor:
         """(6,) or (B, 6) -> (B, 6) float32. Float32 keeps sizes such as 1023 exact (bf16 would not)."""
         ids = torch.as_tensor(time_ids, dtype=torch.float32, device=device)
@@ -260,7 +279,7 @@ class VisualDecoder(nn.Module):
         condition = torch.where(dropped_B[:, None, None], self.unconditional(batch, condition.shape[1]), condition)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps_B)
         added = self.added_conditions(condition, self._time_ids(time_ids, batch, device))
-        pred = self.unet(noisy.to(dtype), timesteps_B, encoder_hidden_states=condition, added_cond_kwargs=added).sample
+        pred = self.unet(self.unet_input(noisy.to(dtype), condition), timesteps_B, encoder_hidden_states=condition, added_cond_kwargs=added).sample
         # epsilon (Emu2 scheduler_config.json): the target is the noise, offset included; v_prediction:
         # the velocity of that same noise (diffusers' get_velocity, what its schedulers invert).
         goal = noise if self.config.prediction_type == "epsilon" else \
@@ -313,12 +332,13 @@ class VisualDecoder(nn.Module):
         # A fresh scheduler per call: Euler keeps a step index, so sharing one is not re-entrant.
         scheduler = EulerDiscreteScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
-        latents = _randn((batch, self.unet.config.in_channels, height // f, width // f), generator, device)
+        latents = _randn((batch, self.config.latent_channels, height // f, width // f), generator, device)
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = torch.cat([latents, latents]) if guided else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            eps = self.unet(model_in.to(dtype), t, encoder_hidden_states=condition, added_cond_kwargs=added).sample
+            # Euler scales the noisy latents only; the condition grid goes in as it is.
+            model_in = self.unet_input(scheduler.scale_model_input(model_in, t).to(dtype), condition)
+            eps = self.unet(model_in, t, encoder_hidden_states=condition, added_cond_kwargs=added).sample
             if guided:
                 eps_cond, eps_uncond = eps.float().chunk(2)
                 eps = eps_uncond + scale * (eps_cond - eps_uncond)

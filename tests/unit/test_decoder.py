@@ -330,3 +330,49 @@ def test_v_prediction_trains_on_the_velocity():
     velocity = decoder.noise_scheduler.get_velocity(latents, noise, t)
     assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, velocity), atol=1e-6)
     assert not torch.allclose(loss, torch.nn.functional.mse_loss(pred, noise), atol=1e-3)
+
+
+# ---- spatial conditioning -----------------------------------------------------------------------
+
+def test_spatial_condition_lays_each_token_over_its_block_of_the_latents():
+    """spatial_condition: token k of a 2x2 grid covers the k-th (raster order) 4x4 block of 8x8
+    latents, as visual_dim channels after the latent ones; zeros (the unconditional) give zeros."""
+    decoder = build(spatial_condition=True)
+    assert decoder.unet.config.in_channels == 4 + D and decoder.unet.config.out_channels == 4
+    assert build().unet.config.in_channels == 4  # off by default: Emu2's UNet reads latents only
+    latents = torch.randn(1, 4, 8, 8)
+    condition = torch.arange(4 * D, dtype=torch.float32).reshape(1, 4, D)
+    got = decoder.unet_input(latents, condition)
+    assert got.shape == (1, 4 + D, 8, 8) and torch.equal(got[:, :4], latents)
+    for k, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        block = got[0, 4:, 4 * row:4 * row + 4, 4 * col:4 * col + 4]
+        assert torch.equal(block, condition[0, k][:, None, None].expand(D, 4, 4)), k
+    assert not decoder.unet_input(latents, decoder.unconditional(1, 4))[:, 4:].any()
+    with pytest.raises(ValueError, match="square grid.*3 tokens"):
+        decoder.unet_input(latents, torch.randn(1, 3, D))
+
+
+def test_spatial_condition_reaches_the_unet_in_training_and_sampling(batch):
+    decoder = build(spatial_condition=True)
+    pixels, condition, time_ids = batch
+    latents = decoder.encode_latents(pixels, generator=gen(0))
+    with UNetCalls(decoder.unet) as rec:
+        loss = decoder.training_loss(latents, condition, time_ids, condition_drop=0.0, generator=gen(1)).loss
+        images = decoder.sample(condition, num_inference_steps=2, guidance_scale=3.0, generator=gen(2))
+    assert torch.isfinite(loss) and images.shape == (B, 3, SIZE, SIZE)
+    train_call, *sample_calls = rec.calls
+    assert torch.equal(train_call["sample"][:, 4:], decoder.unet_input(latents, condition)[:, 4:])
+    for call in sample_calls:  # [cond, uncond]: the unconditional half's grid is all zeros
+        assert call["sample"].shape == (2 * B, 4 + D, 8, 8)
+        assert torch.equal(call["sample"][:B, 4:], decoder.unet_input(latents, condition)[:, 4:])
+        assert not call["sample"][B:, 4:].any()
+
+
+def test_a_spatial_decoder_folder_does_not_load_as_a_cross_attention_one(tmp_path, batch):
+    folder = build(spatial_condition=True).save_pretrained(tmp_path / "spatial")
+    loaded = VisualDecoder.from_pretrained(folder)
+    assert loaded.config.spatial_condition and loaded.unet.config.in_channels == 4 + D
+    data = json.loads((folder / "decoder_config.json").read_text())
+    (folder / "decoder_config.json").write_text(json.dumps({**data, "spatial_condition": False}))
+    with pytest.raises(ConfigError, match="in_channels is 36 but .* implies 4"):
+        VisualDecoder.from_pretrained(folder)
