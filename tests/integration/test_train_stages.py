@@ -4,6 +4,7 @@ Stages run in this process (DeepSpeed joins a one-process gloo group) except whe
 a process to die or several to cooperate: those run the `emu` console script.
 """
 
+import dataclasses
 import json
 import re
 import os
@@ -144,7 +145,9 @@ def test_answer_only_and_last_image_only_masks_on_real_batches(world, stage2_out
 
 def test_decoder_trains_with_frozen_vae(world, stage1_out, tmp_path):
     out = tmp_path / "decoder"
-    architecture = resolve(DecoderConfig, "visual_decoder", "tiny")
+    # Cross-attention only: through a random frozen VAE, 16 steps of the spatially conditioned UNet
+    # start near their floor (v-prediction reads the grid at once), so the fall is lost in noise.
+    architecture = dataclasses.replace(resolve(DecoderConfig, "visual_decoder", "tiny"), spatial_condition=False)
     initial = VisualDecoder.from_config(architecture)
     initial.save_pretrained(tmp_path / "init")
     config = tiny(DecoderTrainConfig, "decoder", "steps=16", f"encoder={stage1_out / 'model'}",
