@@ -279,7 +279,8 @@ class VisualDecoder(nn.Module):
         condition = torch.where(dropped_B[:, None, None], self.unconditional(batch, condition.shape[1]), condition)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps_B)
         added = self.added_conditions(condition, self._time_ids(time_ids, batch, device))
-        pred = self.unet(self.unet_input(noisy.to(dtype), condition), timesteps_B, encoder_hidden_states=condition, added_cond_kwargs=added).sample
+        pred = self.unet(self.unet_input(noisy.to(dtype), condition), timesteps_B, encoder_hidden_states=condition,
+                         added_cond_kwargs=added).sample
         # epsilon (Emu2 scheduler_config.json): the target is the noise, offset included; v_prediction:
         # the velocity of that same noise (diffusers' get_velocity, what its schedulers invert).
         goal = noise if self.config.prediction_type == "epsilon" else \
