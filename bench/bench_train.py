@@ -57,7 +57,7 @@ from emu.train.stages import stage1, stage2, train_decoder
 
 
 def small_batcher(tokenizer, model: EmuModel, mode: str, config, embeddings=None) -> LMBatcher:
-    """The LMBatcher a `small` stage builds (emu.train.stages._lm_step), without the engine."""
+    """The LMBatcher a `small` stage builds on a GPU (emu.train.stages._lm_step), without the engine."""
     rules = SequenceRules(mode=mode, image_tokens=model.config.tokens_per_image(),
                           frame_tokens=model.config.tokens_per_image(model.config.video_tokens_side),
                           max_len=config.sequence.max_len, too_long="skip")
@@ -66,7 +66,8 @@ def small_batcher(tokenizer, model: EmuModel, mode: str, config, embeddings=None
                      packing=config.sequence.packing, micro_rows=config.runtime.micro_batch_size,
                      pad_id=tokenizer.pad_token_id, seed=0, vision=vision, attn_implementation="sdpa",
                      mask_dtype=torch.bfloat16, video_frames=getattr(config, "video_frames", None),
-                     embeddings=embeddings, max_visuals=config.runtime.micro_batch_images)
+                     embeddings=embeddings, max_visuals=config.runtime.micro_batch_images,
+                     resize_on_device=True)  # as on a GPU: the device resizes the stored images
 
 
 def loader_rate(data, batcher: LMBatcher, batch_sizes, flops_model, steps: int, workers: int, peak_tflops: float,

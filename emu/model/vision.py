@@ -186,11 +186,32 @@ def resize_images(images, size: int) -> torch.Tensor:
     """PIL images -> uint8 pixels (B, 3, size, size), bicubic, no crop: the first half of
     `preprocess`. A data loader ships these (a quarter of float32's bytes to build, hold and copy
     to the GPU); EmuModel normalises uint8 pixels itself, on their device."""
-    import numpy as np
     from PIL import Image
 
-    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8) for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return stack_pixels([img.convert("RGB").resize((size, size), Image.BICUBIC) for img in images])
+
+
+def stack_pixels(images) -> torch.Tensor:
+    """PIL images of one size -> their uint8 pixels (B, 3, H, W), not resized."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(img.convert("RGB"), dtype=np.uint8) for img in images])).permute(0, 3, 1, 2)
+
+
+def resize_pixels(pixels_BCHW: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 pixels (B, 3, H, W) -> uint8 (B, 3, size, size) on their own device: the numbers
+    `resize_images` makes with PIL, within 2 levels (Pillow rounds in fixed point; within 1 on
+    flat shapes). Pillow's bicubic resize is separable, width first, and rounds and clamps to uint8
+    between the passes (libImaging/Resample.c); torch's antialiased bicubic uses Pillow's kernel
+    (a = -0.5), so two one-axis passes, each rounded, reproduce it where one 2-D call would keep
+    the overshoot of the first pass (up to 20 levels off). What lets a data loader ship images at
+    their stored size and leave the resize to the GPU (emu.train.lm_step)."""
+    if pixels_BCHW.shape[-2:] == (size, size):
+        return pixels_BCHW
+    x = pixels_BCHW.float()
+    for target in ((x.shape[-2], size), (size, size)):
+        x = F.interpolate(x, size=target, mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255)
+    return x.to(torch.uint8)
 
 
 def normalize(pixels_BCHW: torch.Tensor, config: VisionConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -104,8 +104,8 @@ class PrecomputedStore:
     # ---- lookups ---------------------------------------------------------------------------
 
     def embeddings(self, images: Sequence[tuple[str, int, bytes]], side: int, kind: str = "embedding") -> torch.Tensor:
-        """(N, n, D) float32 embeddings of (key, image index, image bytes) at pooled `side`;
-        `kind` "crop" reads the center-crop embeddings stored with latents."""
+        """(N, n, D) embeddings of (key, image index, image bytes) at pooled `side`, in the dtype
+        stored (the encoder's); `kind` "crop" reads the center-crop embeddings stored with latents."""
         fingerprints = self.spec.embedding if kind == "embedding" else self.spec.crop
         if side not in fingerprints:
             raise ConfigError(f"{self.out_dir} holds no {kind} embeddings at side {side} (sides {sorted(fingerprints)})")
@@ -116,7 +116,7 @@ class PrecomputedStore:
         if not self.spec.latent:
             raise ConfigError(f"{self.out_dir} holds no latents; precompute with precompute.latents=true "
                               "precompute.decoder=<decoder folder>")
-        latents = self._stack(images, "latent", 0, self.spec.latent)
+        latents = self._stack(images, "latent", 0, self.spec.latent).float()
         time_ids = [self._time_ids[address(bytes_sha256(data), self.spec.latent)] for _, _, data in images]
         return latents, torch.tensor(time_ids, dtype=torch.float32)
 
@@ -129,7 +129,7 @@ class PrecomputedStore:
             if part is None:
                 raise self._missing(key, index, kind, side)
             tensors.append(self._handle(part).get_tensor(addr))
-        return torch.stack(tensors).float()
+        return torch.stack(tensors)
 
     def _table(self, kind: str, side: int) -> dict[str, int]:
         """address -> part for one kind and side, built on first use from every part's index."""
@@ -187,7 +187,7 @@ class PrecomputedStore:
 
 
 def embedding_lookup(precomputed_dir: str | Path, model) -> Callable[[list, str], torch.Tensor]:
-    """The `embeddings` callable of LMStep: (VisualSlots, "image" | "frame") -> (N, n, D) float32,
+    """The `embeddings` callable of LMStep: (VisualSlots, "image" | "frame") -> (N, n, D) as stored,
     images at model.config.image_tokens_side, frames at video_tokens_side. Raises ConfigError now
     when the precompute does not match the model (see PrecomputedStore.check_encoder)."""
     store = PrecomputedStore(precomputed_dir)
@@ -228,7 +228,7 @@ def latent_lookup(precomputed_dir: str | Path, decoder, encoder=None, size: int 
 
     def lookup(items: Sequence[tuple[str, int, bytes]]):
         values, time_ids = store.latents(items)
-        conditions = store.embeddings(items, side, kind="crop") if side is not None else None
+        conditions = store.embeddings(items, side, kind="crop").float() if side is not None else None
         return values, conditions, time_ids
 
     lookup.store = store  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ from emu.data.sequence import SequenceBuilder, TokenSequence, VisualSlot
 from emu.model.config import VisionConfig
 from emu.data.tokenizer import GIMG, IMAGE
 from emu.model.emu import IGNORE, SequenceLayout, VisualTokenIds
-from emu.model.vision import resize_images
+from emu.model.vision import resize_images, resize_pixels, stack_pixels
 from emu.train.engine import Engine, all_reduce_max, all_reduce_sum
 from emu.train.metrics import FlopModel
 from emu.train.trainer import StepResult
@@ -73,17 +73,25 @@ class MicroBatch:
     """One micro-batch on the CPU: EmuModel.forward's tensor inputs but the attention mask,
     which `model_inputs` builds on the device from the rows' sequence numbers (an (R, L, L) mask
     would cost the loader more to build and ship than the rest of the micro-batch), and where its
-    targets are."""
+    targets are. Pixels may come at their stored size and precomputed embeddings in their stored
+    dtype: `model_inputs` resizes and casts them on the device (LMBatcher.resize_on_device)."""
 
     inputs: dict[str, torch.Tensor]
     segments: torch.Tensor  # (R, L) sequence number of each position (emu.data.packing)
     layout: SequenceLayout
     attn_implementation: str
     mask_dtype: torch.dtype
+    pixel_size: int = 0  # the side `images` and `frames` enter the encoder at
 
     def model_inputs(self, device: torch.device | str) -> dict[str, Any]:
         """The forward's keyword arguments on `device`, mask and layout included."""
         moved: dict[str, Any] = {name: t.to(device, non_blocking=True) for name, t in self.inputs.items()}
+        for name in ("images", "frames"):
+            if name in moved and self.pixel_size:
+                moved[name] = resize_pixels(moved[name], self.pixel_size)
+        for name in ("image_embeds", "frame_embeds"):
+            if name in moved:
+                moved[name] = moved[name].float()  # stored bf16 ships at half the bytes; bf16 -> fp32 is exact
         mask = attention_mask_of(self.segments.to(device, non_blocking=True), self.attn_implementation,
                                  self.mask_dtype)
         if mask is not None:  # none for flex_attention: the position ids carry the packing
@@ -133,7 +141,7 @@ class LMBatcher:
                  seed: int, vision: VisionConfig, attn_implementation: str,
                  mask_dtype: torch.dtype, image_size: Callable[[int], int] | None = None,
                  video_frames: int | None = None, embeddings: EmbeddingLookup | None = None,
-                 max_visuals: int = 0):
+                 max_visuals: int = 0, resize_on_device: bool = False):
         self.builder = builder
         self.token_ids = VisualTokenIds(image=builder.tokenizer.convert_tokens_to_ids(IMAGE),
                                         frame=builder.tokenizer.convert_tokens_to_ids(GIMG))
@@ -146,6 +154,10 @@ class LMBatcher:
         self.embeddings = embeddings
         #: Images and frames per micro-batch at most (0: no cap): the encoder's batch (packing).
         self.max_visuals = max_visuals
+        #: Ship a micro-batch's images at their stored size when they share one, resized on the
+        #: device (emu.model.vision.resize_pixels): on a GPU the bicubic resize, most of the
+        #: loader's work per image, costs nothing; on a CPU it is cheaper here, in PIL.
+        self.resize_on_device = resize_on_device
 
     def sequences(self, samples: list[Sample], step: int) -> list[TokenSequence]:
         """The step's sequences; each sample's rng depends only on (seed, step, where the sample
@@ -153,8 +165,9 @@ class LMBatcher:
         the same on any rank and world size."""
         if self.video_frames:
             samples = [limit_frames(s, self.video_frames) for s in samples]
-        return [seq for sample in samples for seq in self.builder.build(
-            sample, random.Random(f"{self.seed}:{step}:{sample.source}:{sample.key}"))]
+        built = self.builder.build_all(
+            [(sample, random.Random(f"{self.seed}:{step}:{sample.source}:{sample.key}")) for sample in samples])
+        return [seq for sequences in built for seq in sequences]
 
     def batches(self, samples: list[Sample], step: int) -> tuple[list[Batch], list[int]]:
         """Micro-batches of packed (or one-per-row) sequences, and the sequence lengths. Packed for
@@ -192,12 +205,16 @@ class LMBatcher:
         layout = SequenceLayout.of(batch.input_ids, batch.targets, self.token_ids, batch.image_regress,
                                    batch.frame_regress)
         return MicroBatch(inputs=inputs, segments=batch.segments, layout=layout,
-                          attn_implementation=self.attn_implementation, mask_dtype=self.mask_dtype)
+                          attn_implementation=self.attn_implementation, mask_dtype=self.mask_dtype,
+                          pixel_size=image_size)
 
     def pixels(self, slots: list[VisualSlot], image_size: int | None = None) -> torch.Tensor:
-        """uint8 pixels of the slots' images at `image_size` (default: the encoder's); EmuModel
-        normalises them on the device (emu.model.vision.resize_images)."""
-        return resize_images([Image.open(io.BytesIO(slot.data)) for slot in slots], image_size or self.vision.image_size)
+        """uint8 pixels of the slots' images at `image_size` (default: the encoder's), or at their
+        stored size (resize_on_device, when they share one); EmuModel normalises them on the device."""
+        images = [Image.open(io.BytesIO(slot.data)) for slot in slots]
+        if self.resize_on_device and len({image.size for image in images}) == 1:
+            return stack_pixels(images)
+        return resize_images(images, image_size or self.vision.image_size)
 
     def blank(self) -> MicroBatch:
         """A one-token batch with nothing to score: what a rank with fewer micro-batches runs."""

@@ -147,7 +147,7 @@ def _lm_step(engine, model, tokenizer, rules: SequenceRules, sequence, runtime, 
                         vision=model.visual.config, attn_implementation=_set_attention(model, runtime),
                         mask_dtype=model.project_up.weight.dtype, image_size=image_size,
                         video_frames=video_frames, embeddings=_embedding_lookup(precomputed, model),
-                        max_visuals=runtime.micro_batch_images)
+                        max_visuals=runtime.micro_batch_images, resize_on_device=engine.device.type != "cpu")
     return LMStep(engine=engine, batcher=batcher, world=world, weights=weights,
                   flops=flop_model(model, encoder_trains),
                   encode_blank=not precomputed and (encoder_trains or runtime.zero_stage == 3))

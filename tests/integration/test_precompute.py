@@ -293,6 +293,37 @@ def test_lm_loss_is_the_same_with_precomputed_and_online_embeddings(world, first
             torch.testing.assert_close(getattr(b, name), getattr(a, name))
 
 
+def test_pixels_resized_on_the_device_train_as_pixels_resized_by_the_loader(world):
+    """resize_on_device (a GPU stage): a micro-batch's images that share one stored size ship at
+    it (the video's frames here), mixed sizes are resized by the loader as before (the pairs);
+    on the device, model_inputs gives the loader's pixels and the same losses."""
+    model, tokenizer = load_model(world.model_a)
+    model.eval()
+    rules = SequenceRules(mode="pretrain", image_tokens=4, frame_tokens=4, max_len=256)
+    batcher = LMBatcher(SequenceBuilder(tokenizer, rules), max_len=256, packing=True, micro_rows=4,
+                        pad_id=tokenizer.pad_token_id, seed=0, vision=model.visual.config,
+                        attn_implementation=model.config.lm.attn_implementation, mask_dtype=torch.float32,
+                        video_frames=2)
+    samples = [s for folder in ("pairs", "video") for s in iter_samples(world.root / "data" / folder)]
+    size = model.visual.config.image_size
+    shipped = set()
+    for batch in batcher.batches(samples, step=0)[0]:
+        batcher.resize_on_device = False
+        host = batcher.micro_batch(batch, size)
+        batcher.resize_on_device = True
+        device = batcher.micro_batch(batch, size)
+        shipped |= {(name, tuple(t.shape[-2:])) for name, t in device.inputs.items() if name in ("images", "frames")}
+        a, b = host.model_inputs("cpu"), device.model_inputs("cpu")
+        for name in ("images", "frames"):
+            if name in a:
+                assert a[name].shape == b[name].shape and (a[name].int() - b[name].int()).abs().max() <= 2
+        with torch.no_grad():
+            expected, got = model(**a), model(**b)
+        for name in ("loss", "text_loss", "image_loss"):
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
+    assert shipped == {("images", (size, size)), ("frames", (36, 40))}
+
+
 # ---- (f) the command ---------------------------------------------------------------------------
 
 def test_cli_precompute_end_to_end(world, first, ray_address, tmp_path):

@@ -278,6 +278,32 @@ def test_uint8_pixels_are_normalised_by_the_model_exactly_as_preprocess_does(mod
         assert torch.equal(model.encode_images(raw), model.encode_images(floats))
 
 
+@pytest.mark.parametrize("stored, side", [((64, 64), 224), ((256, 256), 224), ((52, 40), 32), ((30, 48), 64)])
+def test_device_resize_gives_pils_bicubic_pixels(stored, side):
+    """A loader may ship images at their stored size for the GPU to resize (LMBatcher's
+    resize_on_device): resize_pixels must give the pixels PIL gives on the host, up and down,
+    square or not: within 2 levels on noise, 1 on flat shapes (Pillow rounds in fixed point)."""
+    import numpy as np
+    from PIL import Image
+
+    from emu.model.vision import resize_images, resize_pixels, stack_pixels
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (3, stored[1], stored[0], 3), dtype=np.uint8)
+    shapes = np.full((2, stored[1], stored[0], 3), 30, dtype=np.uint8)
+    shapes[0, : stored[1] // 2, : stored[0] // 3] = (255, 0, 0)
+    shapes[1, stored[1] // 3:, stored[0] // 4:] = (0, 200, 60)
+    for arrays, tolerance in ((noise, 2), (shapes, 1)):
+        images = [Image.fromarray(a) for a in arrays]
+        host = resize_images(images, side)
+        device = resize_pixels(stack_pixels(images), side)
+        assert device.dtype == torch.uint8 and device.shape == host.shape == (len(images), 3, side, side)
+        difference = (device.int() - host.int()).abs()
+        assert difference.max() <= tolerance and difference.float().mean() < 0.02
+    at_size = torch.zeros(1, 3, side, side, dtype=torch.uint8)
+    assert resize_pixels(at_size, side) is at_size, "already at the size: not copied"
+
+
 def _png(image) -> bytes:
     import io
 
